@@ -1,0 +1,268 @@
+"""Serving settings: defaults < JSON config file < MODELPORT_SERVING_* environment < flags."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "MODELPORT_SERVING_"
+
+# Picked with bench/serving on a 2-core machine (see bench/serving/README.md): a batch of
+# up to 32 rows keeps per-request overhead low for small models, and a zero extra delay
+# lets requests that arrive while a batch runs form the next batch ("natural" batching)
+# without adding latency at low concurrency.
+DEFAULT_MAX_BATCH_SIZE = 32
+DEFAULT_MAX_QUEUE_DELAY_US = 0
+
+
+class ConfigError(ValueError):
+    """A setting has a bad value; the message names the setting."""
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """Everything one serving process needs to know."""
+
+    model: Path
+    model_name: str
+    model_version: str = "1"
+    host: str = "0.0.0.0"  # noqa: S104 - a server in a container listens on all interfaces
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    device: str = "cpu"
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US
+    # Batches allowed to run at once; more than one overlaps request handling with compute.
+    max_inflight_batches: int = 2
+    # onnxruntime session options; 0 means "pick from the CPU quota".
+    intra_op_threads: int = 0
+    inter_op_threads: int = 1
+    allow_spinning: bool = False
+    graph_optimization_level: str = "all"
+    execution_mode: str = "sequential"
+    # Threads that call session.run; 0 means "pick from the CPU quota".
+    workers: int = 0
+    gpu_device_id: int = 0
+    max_body_bytes: int = 64 * 1024 * 1024
+    drain_timeout_s: float = 30.0
+    access_log: bool = True
+    log_level: str = "info"
+    warmup: bool = True
+    uvloop: bool = True
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "device": ("cpu", "gpu"),
+    "graph_optimization_level": ("disable", "basic", "extended", "all"),
+    "execution_mode": ("sequential", "parallel"),
+    "log_level": ("debug", "info", "warning", "error"),
+}
+
+_HELP: dict[str, str] = {
+    "model": "path of the ONNX model file",
+    "model_name": "name the model is served under (/v2/models/{name})",
+    "model_version": "version string reported and accepted in /versions/{v}",
+    "host": "address to bind all listeners to",
+    "http_port": "REST port (Open Inference Protocol v2)",
+    "grpc_port": "gRPC port; 0 disables gRPC",
+    "metrics_port": "Prometheus metrics port; 0 disables metrics",
+    "device": "cpu, or gpu (CUDA execution provider; readiness fails without it)",
+    "max_batch_size": "largest batch the dynamic batcher forms; 0 or 1 disables batching",
+    "max_queue_delay_us": "longest a request waits for a batch to fill, in microseconds",
+    "max_inflight_batches": "batches that may run at the same time",
+    "intra_op_threads": "onnxruntime intra-op threads (0: from the CPU quota)",
+    "inter_op_threads": "onnxruntime inter-op threads",
+    "allow_spinning": "let onnxruntime threads spin while idle",
+    "graph_optimization_level": "onnxruntime graph optimization level",
+    "execution_mode": "onnxruntime execution mode",
+    "workers": "threads that run inferences (0: from the CPU quota)",
+    "gpu_device_id": "CUDA device id when --device gpu",
+    "max_body_bytes": "largest accepted request body, in bytes",
+    "drain_timeout_s": "on SIGTERM, how long to wait for in-flight requests",
+    "access_log": "write one JSON line per request to stderr",
+    "log_level": "log level",
+    "warmup": "run a warm-up inference before reporting ready",
+    "uvloop": "use uvloop when it is installed",
+}
+
+_FIELDS = {f.name: f for f in dataclasses.fields(ServingConfig)}
+_FIELD_TYPES: dict[str, type] = {
+    "model": Path,
+    "model_name": str,
+    "model_version": str,
+    "host": str,
+    "device": str,
+    "graph_optimization_level": str,
+    "execution_mode": str,
+    "log_level": str,
+}
+
+
+def _field_type(name: str) -> type:
+    if name in _FIELD_TYPES:
+        return _FIELD_TYPES[name]
+    default = _FIELDS[name].default
+    return type(default)
+
+
+def _parse_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}: expected a boolean, got {value!r}")
+
+
+def _coerce(name: str, value: Any) -> Any:
+    kind = _field_type(name)
+    if kind is bool:
+        return _parse_bool(name, value)
+    try:
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind is float:
+            return float(value)
+        if kind is Path:
+            return Path(str(value))
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: expected {kind.__name__}, got {value!r}") from None
+
+
+def _validate(values: dict[str, Any]) -> None:
+    for name, choices in _CHOICES.items():
+        if name in values and values[name] not in choices:
+            raise ConfigError(f"{name}: must be one of {', '.join(choices)}, got {values[name]!r}")
+    for port in ("http_port", "grpc_port", "metrics_port"):
+        if port in values and not 0 <= values[port] <= 65535:
+            raise ConfigError(f"{port}: must be between 0 and 65535")
+    if values.get("http_port") == 0:
+        raise ConfigError("http_port: the REST listener cannot be disabled")
+    for name in (
+        "max_batch_size",
+        "max_queue_delay_us",
+        "intra_op_threads",
+        "workers",
+        "max_body_bytes",
+    ):
+        if name in values and values[name] < 0:
+            raise ConfigError(f"{name}: must not be negative")
+    for name in ("max_inflight_batches", "inter_op_threads"):
+        if name in values and values[name] < 1:
+            raise ConfigError(f"{name}: must be at least 1")
+    if not values.get("model_name"):
+        raise ConfigError("model_name: required (--model-name)")
+    if "/" in values["model_name"]:
+        raise ConfigError("model_name: must not contain '/'")
+    if not values.get("model"):
+        raise ConfigError("model: required (--model)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `python -m deployer.serving` argument parser; every flag defaults to unset."""
+    parser = argparse.ArgumentParser(
+        prog="python -m deployer.serving",
+        description="Serve one ONNX model over the Open Inference Protocol (REST and gRPC).",
+        epilog=f"Every flag can also be set as {ENV_PREFIX}<FLAG> (e.g. {ENV_PREFIX}HTTP_PORT) "
+        "or as a snake_case key in the --config JSON file; flags win over the environment, "
+        "which wins over the file.",
+    )
+    parser.add_argument("--config", help="JSON file of settings (snake_case keys)")
+    for name in _FIELDS:
+        flag = "--" + name.replace("_", "-")
+        kind = _field_type(name)
+        if kind is bool:
+            parser.add_argument(
+                flag,
+                dest=name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=_HELP[name],
+            )
+        else:
+            parser.add_argument(
+                flag,
+                dest=name,
+                default=None,
+                choices=_CHOICES.get(name),
+                help=_HELP[name],
+            )
+    return parser
+
+
+def load_config(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> ServingConfig:
+    """Resolve the settings from flags, environment and an optional JSON file."""
+    environ = os.environ if environ is None else environ
+    args = build_parser().parse_args(argv)
+    values: dict[str, Any] = {}
+
+    config_path = args.config or environ.get(ENV_PREFIX + "CONFIG")
+    if config_path:
+        try:
+            loaded = json.loads(Path(config_path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"config: cannot read {config_path}: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config: {config_path} must hold a JSON object")
+        unknown = sorted(set(loaded) - set(_FIELDS))
+        if unknown:
+            raise ConfigError(f"config: unknown keys {', '.join(unknown)}")
+        for name, value in loaded.items():
+            values[name] = _coerce(name, value)
+
+    for name in _FIELDS:
+        env_value = environ.get(ENV_PREFIX + name.upper())
+        if env_value is not None and env_value != "":
+            values[name] = _coerce(name, env_value)
+
+    for name in _FIELDS:
+        flag_value = getattr(args, name)
+        if flag_value is not None:
+            values[name] = _coerce(name, flag_value)
+
+    _validate(values)
+    return ServingConfig(**values)
+
+
+def cpu_quota() -> int:
+    """CPUs this process may use: the cgroup quota when set, else the affinity mask."""
+    try:
+        available = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        available = os.cpu_count() or 1
+    quota = _cgroup_quota()
+    if quota is not None:
+        available = max(1, min(available, int(quota + 0.5)))
+    return max(1, available)
+
+
+def _cgroup_quota() -> float | None:
+    try:
+        text = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if text and text[0] != "max":
+            return int(text[0]) / int(text[1])
+        return None
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    if quota <= 0 or period <= 0:
+        return None
+    return quota / period
