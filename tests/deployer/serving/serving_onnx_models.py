@@ -62,3 +62,123 @@ def mlp_reference(layers: list[tuple[np.ndarray, np.ndarray]], x: np.ndarray) ->
         if index < len(layers) - 1:
             out = np.maximum(out, 0)
     return out
+
+
+def multi_io(path: Path) -> Path:
+    """Two inputs (FP32, INT64), three outputs (FP32 sum, FP32 product, BOOL positive)."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["b"], ["b_float"], to=TensorProto.FLOAT),
+            helper.make_node("Add", ["a", "b_float"], ["sum"]),
+            helper.make_node("Mul", ["a", "b_float"], ["product"]),
+            helper.make_node("Greater", ["sum", "zero"], ["positive"]),
+        ],
+        "multi_io",
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, ["batch", 4]),
+            helper.make_tensor_value_info("b", TensorProto.INT64, ["batch", 4]),
+        ],
+        [
+            helper.make_tensor_value_info("sum", TensorProto.FLOAT, ["batch", 4]),
+            helper.make_tensor_value_info("product", TensorProto.FLOAT, ["batch", 4]),
+            helper.make_tensor_value_info("positive", TensorProto.BOOL, ["batch", 4]),
+        ],
+        initializer=[numpy_helper.from_array(np.zeros((), dtype=np.float32), "zero")],
+    )
+    return _save(graph, path)
+
+
+LABELS = ["cat", "dog", "émeu"]
+
+
+def classifier(path: Path) -> Path:
+    """Scores FP32 [batch,3] -> BYTES label via ArgMax + LabelEncoder; BYTES text is echoed."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("ArgMax", ["scores"], ["index"], axis=1, keepdims=0),
+            helper.make_node(
+                "LabelEncoder",
+                ["index"],
+                ["label"],
+                domain="ai.onnx.ml",
+                keys_int64s=[0, 1, 2],
+                values_strings=LABELS,
+                default_string="unknown",
+            ),
+            helper.make_node("Identity", ["text"], ["echo"]),
+        ],
+        "classifier",
+        [
+            helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", 3]),
+            helper.make_tensor_value_info("text", TensorProto.STRING, ["batch"]),
+        ],
+        [
+            helper.make_tensor_value_info("label", TensorProto.STRING, ["batch"]),
+            helper.make_tensor_value_info("echo", TensorProto.STRING, ["batch"]),
+        ],
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("ai.onnx.ml", 2)],
+    )
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def fixed_batch(path: Path, *, rows: int = 4, cols: int = 3) -> Path:
+    """y = 3x with a fixed [rows, cols] input: no dynamic batch axis."""
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "three"], ["y"])],
+        "fixed",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, cols])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, cols])],
+        initializer=[numpy_helper.from_array(np.array(3.0, dtype=np.float32), "three")],
+    )
+    return _save(graph, path)
+
+
+# V2 datatype -> (ONNX element type, numpy dtype)
+ALL_TYPES: dict[str, tuple[int, type]] = {
+    "BOOL": (TensorProto.BOOL, np.bool_),
+    "UINT8": (TensorProto.UINT8, np.uint8),
+    "UINT16": (TensorProto.UINT16, np.uint16),
+    "UINT32": (TensorProto.UINT32, np.uint32),
+    "UINT64": (TensorProto.UINT64, np.uint64),
+    "INT8": (TensorProto.INT8, np.int8),
+    "INT16": (TensorProto.INT16, np.int16),
+    "INT32": (TensorProto.INT32, np.int32),
+    "INT64": (TensorProto.INT64, np.int64),
+    "FP16": (TensorProto.FLOAT16, np.float16),
+    "FP32": (TensorProto.FLOAT, np.float32),
+    "FP64": (TensorProto.DOUBLE, np.float64),
+    "BYTES": (TensorProto.STRING, np.object_),
+}
+
+
+def all_types(path: Path) -> Path:
+    """One Identity per V2 datatype: in_<T> [batch, 2] -> out_<T>."""
+    nodes = []
+    inputs = []
+    outputs = []
+    for name, (elem, _) in ALL_TYPES.items():
+        nodes.append(helper.make_node("Identity", [f"in_{name}"], [f"out_{name}"]))
+        inputs.append(helper.make_tensor_value_info(f"in_{name}", elem, ["batch", 2]))
+        outputs.append(helper.make_tensor_value_info(f"out_{name}", elem, ["batch", 2]))
+    return _save(helper.make_graph(nodes, "all_types", inputs, outputs), path)
+
+
+def sample_of(datatype: str, rows: int = 2, seed: int = 0) -> np.ndarray:
+    """Distinct sample values of a V2 datatype, shape [rows, 2]."""
+    rng = np.random.default_rng(seed)
+    dtype = ALL_TYPES[datatype][1]
+    if datatype == "BYTES":
+        words = np.array([f"w{seed}-{i}-ü".encode() for i in range(rows * 2)], dtype=object)
+        return words.reshape(rows, 2)
+    if datatype == "BOOL":
+        return rng.integers(0, 2, (rows, 2)).astype(np.bool_)
+    if datatype.startswith("FP"):
+        return (rng.standard_normal((rows, 2)) * 10).astype(dtype)
+    info = np.iinfo(dtype)
+    return rng.integers(max(info.min, -1000), min(info.max, 1000), (rows, 2)).astype(dtype)
