@@ -183,6 +183,8 @@ def tensor_from_json(data: Any, datatype: str, shape: list[int]) -> np.ndarray[A
         for index, item in enumerate(flat):
             if isinstance(item, str):
                 array[index] = item.encode("utf-8")
+            elif isinstance(item, bytes):
+                array[index] = item
             elif isinstance(item, (bool, int, float)):
                 array[index] = str(item).encode("utf-8")
             else:
