@@ -7,7 +7,6 @@ import time
 from collections import deque
 from collections.abc import Hashable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import numpy as np
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
@@ -72,7 +71,6 @@ class Engine:
     ) -> None:
         self.runner = runner
         self.stats = stats
-        self.max_batch = runner.max_batch_size if runner.batchable else 1
         self.max_delay_ns = max_queue_delay_us * 1000
         self.max_inflight = max_inflight
         self.executor = ThreadPoolExecutor(max_workers=max_inflight, thread_name_prefix="infer")
@@ -80,6 +78,12 @@ class Engine:
         self._inflight = 0
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def max_batch(self) -> int:
+        """Rows per batch; 1 when the model cannot be batched (warm-up may find that out)."""
+        runner = self.runner
+        return runner.max_batch_size if runner.batchable else 1
 
     def submit(self, feeds: dict[str, Array]) -> asyncio.Future[list[Array]]:
         """Queue validated feeds; the future resolves to all model outputs for these rows."""
@@ -213,11 +217,6 @@ class Engine:
         )
         self._dispatch()
 
-    def run_blocking(self, feeds: dict[str, Array]) -> list[Array]:
-        """Run once outside the event loop (warm-up)."""
-        outputs, _ = self.runner.run(feeds)
-        return outputs
-
     def shutdown(self) -> None:
         """Stop the worker threads once running batches are done."""
         if self._timer is not None:
@@ -228,8 +227,3 @@ class Engine:
     def busy(self) -> bool:
         """Whether any request is queued or running."""
         return bool(self._queue) or self._inflight > 0
-
-
-def describe(value: Any) -> str:
-    """Short human description of a value's type, for error messages."""
-    return type(value).__name__

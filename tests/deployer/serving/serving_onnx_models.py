@@ -182,3 +182,48 @@ def sample_of(datatype: str, rows: int = 2, seed: int = 0) -> np.ndarray:
         return (rng.standard_normal((rows, 2)) * 10).astype(dtype)
     info = np.iinfo(dtype)
     return rng.integers(max(info.min, -1000), min(info.max, 1000), (rows, 2)).astype(dtype)
+
+
+def centered(path: Path, *, cols: int = 3) -> Path:
+    """y = x - mean(x, axis=0): a dynamic first axis whose rows are NOT independent."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMean", ["x"], ["mean"], axes=[0], keepdims=1),
+            helper.make_node("Sub", ["x", "mean"], ["y"]),
+        ],
+        "centered",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", cols])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", cols])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def slow_chain(path: Path, *, width: int = 2048, depth: int = 48) -> Path:
+    """x [batch, 16] -> a deep chain of width x width MatMuls -> y [batch, 4].
+
+    Slow on purpose (about 8.4 MFLOP x depth per row), to keep requests in flight.
+    """
+    rng = np.random.default_rng(0)
+    w_in = (rng.standard_normal((16, width)) / 4).astype(np.float32)
+    weight = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+    w_out = (rng.standard_normal((width, 4)) / np.sqrt(width)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W_in"], ["h0"])]
+    for index in range(depth):
+        nodes.append(helper.make_node("MatMul", [f"h{index}", "W"], [f"h{index + 1}"]))
+    nodes.append(helper.make_node("MatMul", [f"h{depth}", "W_out"], ["y"]))
+    graph = helper.make_graph(
+        nodes,
+        "slow",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        initializer=[
+            numpy_helper.from_array(w_in, "W_in"),
+            numpy_helper.from_array(weight, "W"),
+            numpy_helper.from_array(w_out, "W_out"),
+        ],
+    )
+    return _save(graph, path)
