@@ -1,0 +1,250 @@
+"""Start and stop the servers under test; each serves one ONNX file under one name."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PEERS_VENV = REPO / "bench" / ".venv-peers"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Server:
+    """A running server: its process, where it answers, and which protocols it speaks."""
+
+    name: str
+    model: str
+    proc: subprocess.Popen
+    http_port: int
+    grpc_port: int = 0
+    infer_path: str = ""
+    # "v2" (Open Inference Protocol JSON) or "mlflow" ({"inputs": ...} on /invocations)
+    json_style: str = "v2"
+    binary: bool = False
+    log: Path | None = None
+    workdir: Path | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}{self.infer_path}"
+
+    def rss_mb(self) -> float:
+        """Resident memory of the server and all its descendants, in MiB."""
+        return tree_rss_kb(self.proc.pid) / 1024
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def tree_rss_kb(root: int) -> int:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(entry))
+        except OSError:
+            continue
+    total = 0
+    stack = [root]
+    while stack:
+        pid = stack.pop()
+        try:
+            with open(f"/proc/{pid}/status") as handle:
+                for line in handle:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+        stack.extend(children.get(pid, []))
+    return total
+
+
+def _spawn(command: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path = REPO):
+    handle = open(log, "wb")  # noqa: SIM115 - stays open for the child's lifetime
+    return subprocess.Popen(
+        command,
+        cwd=cwd,
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+    )
+
+
+def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"server exited ({proc.returncode}); see {log}:\n{log.read_text()[-3000:]}"
+            )
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"server at {url} not ready after {timeout}s; see {log}")
+
+
+def start_modelport(
+    onnx_path: Path, name: str, workdir: Path, extra_args: list[str] = ()
+) -> Server:
+    http_port, grpc_port = free_port(), free_port()
+    log = workdir / f"modelport-{name}.log"
+    command = [
+        sys.executable,
+        "-m",
+        "deployer.serving",
+        "--model",
+        str(onnx_path),
+        "--model-name",
+        name,
+        "--host",
+        "127.0.0.1",
+        "--http-port",
+        str(http_port),
+        "--grpc-port",
+        str(grpc_port),
+        "--metrics-port",
+        "0",
+        *extra_args,
+    ]
+    proc = _spawn(command, log, env={"PYTHONPATH": str(REPO)})
+    server = Server(
+        "modelport",
+        name,
+        proc,
+        http_port,
+        grpc_port,
+        infer_path=f"/v2/models/{name}/infer",
+        binary=True,
+        log=log,
+    )
+    _wait_http(f"http://127.0.0.1:{http_port}/v2/models/{name}/ready", proc, log)
+    return server
+
+
+def start_mlflow(onnx_path: Path, name: str, workdir: Path) -> Server:
+    """`mlflow models serve --env-manager local` on a pyfunc wrapping the ONNX file."""
+    import mlflow.pyfunc
+
+    model_dir = workdir / f"mlflow-{name}"
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    sys.path.insert(0, str(Path(__file__).parent))
+    try:
+        from onnx_pyfunc import OnnxPyfunc
+
+        mlflow.pyfunc.save_model(
+            str(model_dir),
+            python_model=OnnxPyfunc(),
+            artifacts={"onnx": str(onnx_path)},
+            code_paths=[str(Path(__file__).with_name("onnx_pyfunc.py"))],
+        )
+    finally:
+        sys.path.remove(str(Path(__file__).parent))
+    port = free_port()
+    log = workdir / f"mlflow-{name}.log"
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    command = [
+        str(mlflow_bin),
+        "models",
+        "serve",
+        "-m",
+        str(model_dir),
+        "--env-manager",
+        "local",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+    ]
+    env = {
+        "MLFLOW_TRACKING_URI": f"file://{workdir / 'mlruns'}",
+        # mlflow execs `uvicorn`, which lives beside this interpreter.
+        "PATH": f"{mlflow_bin.parent}:{os.environ.get('PATH', '')}",
+    }
+    proc = _spawn(command, log, env=env)
+    server = Server(
+        "mlflow", name, proc, port, infer_path="/invocations", json_style="mlflow", log=log
+    )
+    _wait_http(f"http://127.0.0.1:{port}/ping", proc, log)
+    return server
+
+
+def start_mlserver(onnx_path: Path, name: str, workdir: Path) -> Server | None:
+    """MLServer (from bench/.venv-peers) with the small onnxruntime runtime in this folder."""
+    binary = PEERS_VENV / "bin" / "mlserver"
+    if not binary.exists():
+        print(f"MLServer not installed in {PEERS_VENV}; skipping it (see README)", flush=True)
+        return None
+    root = workdir / f"mlserver-{name}"
+    if root.exists():
+        shutil.rmtree(root)
+    model_dir = root / name
+    model_dir.mkdir(parents=True)
+    shutil.copy(Path(__file__).with_name("mlserver_runtime.py"), root / "mlserver_runtime.py")
+    http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+    (root / "settings.json").write_text(
+        json.dumps(
+            {
+                "http_port": http_port,
+                "grpc_port": grpc_port,
+                "metrics_port": metrics_port,
+                "host": "127.0.0.1",
+                "grpc_max_message_length": 64 * 1024 * 1024,
+            }
+        )
+    )
+    (model_dir / "model-settings.json").write_text(
+        json.dumps(
+            {
+                "name": name,
+                "implementation": "mlserver_runtime.OnnxRuntimeModel",
+                "parameters": {"uri": str(onnx_path)},
+            }
+        )
+    )
+    log = workdir / f"mlserver-{name}.log"
+    proc = _spawn([str(binary), "start", str(root)], log, cwd=root)
+    server = Server(
+        "mlserver",
+        name,
+        proc,
+        http_port,
+        grpc_port,
+        infer_path=f"/v2/models/{name}/infer",
+        log=log,
+    )
+    _wait_http(f"http://127.0.0.1:{http_port}/v2/models/{name}/ready", proc, log)
+    return server
