@@ -56,6 +56,7 @@ class ServingConfig:
     log_level: str = "info"
     warmup: bool = True
     uvloop: bool = True
+    grpc_impl: str = "native"
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {
@@ -63,6 +64,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "graph_optimization_level": ("disable", "basic", "extended", "all"),
     "execution_mode": ("sequential", "parallel"),
     "log_level": ("debug", "info", "warning", "error"),
+    "grpc_impl": ("native", "aio"),
 }
 
 _HELP: dict[str, str] = {
@@ -90,6 +92,7 @@ _HELP: dict[str, str] = {
     "log_level": "log level",
     "warmup": "run a warm-up inference before reporting ready",
     "uvloop": "use uvloop when it is installed",
+    "grpc_impl": "gRPC transport: native (our HTTP/2, fastest) or aio (grpcio's server)",
 }
 
 _FIELDS = {f.name: f for f in dataclasses.fields(ServingConfig)}
@@ -102,6 +105,7 @@ _FIELD_TYPES: dict[str, type] = {
     "graph_optimization_level": str,
     "execution_mode": str,
     "log_level": str,
+    "grpc_impl": str,
 }
 
 

@@ -51,9 +51,14 @@ class Server:
         config = self.config
         self.ports["http_port"] = await self.http.start(config.host, config.http_port)
         if config.grpc_port:
-            from deployer.serving.grpc_server import GrpcServer
+            if config.grpc_impl == "aio":
+                from deployer.serving.grpc_server import GrpcServer
 
-            self.grpc = GrpcServer(self.app)
+                self.grpc = GrpcServer(self.app)
+            else:
+                from deployer.serving.grpc_h2 import NativeGrpcServer
+
+                self.grpc = NativeGrpcServer(self.app)
             self.ports["grpc_port"] = await self.grpc.start(config.host, config.grpc_port)
         else:
             self.ports["grpc_port"] = 0

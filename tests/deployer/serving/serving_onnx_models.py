@@ -227,3 +227,14 @@ def slow_chain(path: Path, *, width: int = 2048, depth: int = 48) -> Path:
         ],
     )
     return _save(graph, path)
+
+
+def identity(path: Path, *, width: int) -> Path:
+    """y = x for FP32 [batch, width]: large tensors both ways."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "identity",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])],
+    )
+    return _save(graph, path)
