@@ -13,10 +13,11 @@ from typing import Any
 
 ENV_PREFIX = "MODELPORT_SERVING_"
 
-# Picked with bench/serving on a 2-core machine (see bench/serving/README.md): a batch of
-# up to 32 rows keeps per-request overhead low for small models, and a zero extra delay
-# lets requests that arrive while a batch runs form the next batch ("natural" batching)
-# without adding latency at low concurrency.
+# Picked with `python -m bench.serving.sweep` on a 2-core machine (bench/serving/README.md).
+# Any queue delay costs its full length at low concurrency (MLP, concurrency 1: ~4,000 req/s
+# with no delay, ~1,700 with 250 us, ~700 with 1 ms) and bought nothing measurable at 32-64,
+# because requests that arrive while a batch runs already form the next one. Batches of 8
+# were ~10% slower than 32 or 64 at concurrency 32-64; 32 and 64 were within noise.
 DEFAULT_MAX_BATCH_SIZE = 32
 DEFAULT_MAX_QUEUE_DELAY_US = 0
 
@@ -39,8 +40,9 @@ class ServingConfig:
     device: str = "cpu"
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US
-    # Batches allowed to run at once; more than one overlaps request handling with compute.
-    max_inflight_batches: int = 2
+    # Batches allowed to run at once. One batch using all the quota's cores beat two at once
+    # (CNN at concurrency 8: same 54 img/s, p99 166 ms against 260-300 ms).
+    max_inflight_batches: int = 1
     # onnxruntime session options; 0 means "pick from the CPU quota".
     intra_op_threads: int = 0
     inter_op_threads: int = 1
