@@ -9,7 +9,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 ENV_PREFIX = "MODELPORT_SERVING_"
 
@@ -57,6 +57,8 @@ class ServingConfig:
     access_log: bool = True
     log_level: str = "info"
     warmup: bool = True
+    # A V2 JSON infer request body to warm up with, for models synthetic zeros do not fit.
+    warmup_request: str = ""
     uvloop: bool = True
     grpc_impl: str = "native"
 
@@ -93,6 +95,7 @@ _HELP: dict[str, str] = {
     "access_log": "write one JSON line per request to stderr",
     "log_level": "log level",
     "warmup": "run a warm-up inference before reporting ready",
+    "warmup_request": "JSON file with a V2 infer request to warm up with (default: zeros)",
     "uvloop": "use uvloop when it is installed",
     "grpc_impl": "gRPC transport: native (our HTTP/2, fastest) or aio (grpcio's server)",
 }
@@ -108,6 +111,7 @@ _FIELD_TYPES: dict[str, type] = {
     "execution_mode": str,
     "log_level": str,
     "grpc_impl": str,
+    "warmup_request": str,
 }
 
 
@@ -176,9 +180,16 @@ def _validate(values: dict[str, Any]) -> None:
         raise ConfigError("model: required (--model)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Raises ConfigError instead of exiting, so every bad setting exits the same way."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `python -m deployer.serving` argument parser; every flag defaults to unset."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m deployer.serving",
         description="Serve one ONNX model over the Open Inference Protocol (REST and gRPC).",
         epilog=f"Every flag can also be set as {ENV_PREFIX}<FLAG> (e.g. {ENV_PREFIX}HTTP_PORT) "

@@ -98,6 +98,7 @@ class HttpConnection(asyncio.Protocol):
         self._too_large = False
         self._header_length: bytes | None = None
         self._encoding: bytes | None = None
+        self._expect_continue = False
 
     # asyncio.Protocol
 
@@ -140,6 +141,12 @@ class HttpConnection(asyncio.Protocol):
         self._too_large = False
         self._header_length = None
         self._encoding = None
+        self._expect_continue = False
+
+    def on_headers_complete(self) -> None:
+        # curl and others wait (a second, for curl) for "100 Continue" before a large body.
+        if self._expect_continue and not self._too_large and self.transport is not None:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -150,6 +157,8 @@ class HttpConnection(asyncio.Protocol):
             self._header_length = value
         elif lowered == b"content-encoding":
             self._encoding = value.strip().lower()
+        elif lowered == b"expect":
+            self._expect_continue = value.strip().lower() == b"100-continue"
         elif lowered == b"content-length":
             try:
                 if int(value) > self.server.max_body_bytes:
@@ -336,7 +345,7 @@ class HttpServer:
             raise NotFound(f"no route for {path}")
         if parts[1] != "models" or count < 3:
             raise NotFound(f"no route for {path}")
-        if count == 4 and parts[2] == "stats":
+        if count == 3 and parts[2] == "stats":
             # GET /v2/models/stats: statistics of every model (there is one).
             self._expect(method, "GET")
             conn.reply(slot, 200, dumps(app.model_stats()))

@@ -176,11 +176,26 @@ class ModelRunner:
                 feeds[spec.name] = np.zeros(shape, dtype=V2_TO_NUMPY[spec.datatype])
         return feeds
 
-    def warmup(self) -> None:
-        """Run the model once, and check that rows are independent before batching them."""
-        self.run(self.sample_feeds(1, random=False))
+    def warmup(self, feeds: dict[str, Array] | None = None) -> None:
+        """Run the model once (on `feeds`, else synthetic inputs), then check batchability."""
+        self.run(feeds if feeds is not None else self.sample_feeds(1, random=False))
         if not self.batchable:
             return
+        try:
+            independent = self._rows_independent()
+        except Exception as exc:  # synthetic inputs this model rejects: do not guess
+            log.warning(
+                "dynamic batching disabled: could not check rows on synthetic inputs: %s",
+                exc,
+                extra={"event": "batching_disabled"},
+            )
+            self.batchable = False
+            return
+        if not independent:
+            self.batchable = False
+
+    def _rows_independent(self) -> bool:
+        """Whether two rows run together give what each gives alone."""
         pair = self.sample_feeds(2, random=True)
         together, _ = self.run(pair)
         for row in range(2):
@@ -193,8 +208,8 @@ class ModelRunner:
                         name,
                         extra={"event": "batching_disabled", "output": name},
                     )
-                    self.batchable = False
-                    return
+                    return False
+        return True
 
     def triton_config(self, max_queue_delay_us: int, instances: int) -> dict[str, Any]:
         """The model configuration extension's answer, in Triton's JSON form."""

@@ -7,9 +7,11 @@ import logging
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from deployer.serving.app import ServingApp
+from deployer.serving.codec import decode_infer_request
 from deployer.serving.config import ServingConfig
 from deployer.serving.engine import Engine
 from deployer.serving.http import HttpServer
@@ -113,9 +115,19 @@ class Server:
             log.error(runner.gpu_problem, extra={"event": "gpu_unavailable"})
         if config.warmup:
             try:
-                await loop.run_in_executor(engine.executor, runner.warmup)
+                feeds = None
+                if config.warmup_request:
+                    body = Path(config.warmup_request).read_bytes()
+                    feeds = decode_infer_request(runner, body, None).feeds
+                await loop.run_in_executor(engine.executor, runner.warmup, feeds)
             except Exception as exc:
-                log.error("warm-up inference failed: %s", exc, extra={"event": "warmup_failed"})
+                hint = "" if config.warmup_request else " (a --warmup-request file may help)"
+                log.error(
+                    "warm-up inference failed: %s%s",
+                    exc,
+                    hint,
+                    extra={"event": "warmup_failed"},
+                )
                 self.request_stop(EXIT_WARMUP_FAILED)
                 return
         self.app.mark_ready()

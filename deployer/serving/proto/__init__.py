@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -35,17 +37,25 @@ def generate(out_dir: Path | None = None) -> Path:
         ) from exc
     target = out_dir or PROTO.parent
     target.mkdir(parents=True, exist_ok=True)
-    args = [
-        "grpc_tools.protoc",
-        f"-I{PROTO.parent}",
-        f"--python_out={target}",
-        str(PROTO),
-    ]
-    code = protoc.main(args)
-    if code != 0:
-        raise ProtoUnavailable(f"protoc failed with exit code {code} on {PROTO}")
-    generated = target / f"{MODULE}.py"
-    _use_private_pool(generated)
+    # Compile into a private folder, then move the result into place in one step, so two
+    # processes starting at once never import a half-written module.
+    scratch = Path(tempfile.mkdtemp(prefix=".protoc-", dir=target))
+    try:
+        args = [
+            "grpc_tools.protoc",
+            f"-I{PROTO.parent}",
+            f"--python_out={scratch}",
+            str(PROTO),
+        ]
+        code = protoc.main(args)
+        if code != 0:
+            raise ProtoUnavailable(f"protoc failed with exit code {code} on {PROTO}")
+        built = scratch / f"{MODULE}.py"
+        _use_private_pool(built)
+        generated = target / f"{MODULE}.py"
+        os.replace(built, generated)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return generated
 
 

@@ -238,3 +238,15 @@ def identity(path: Path, *, width: int) -> Path:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])],
     )
     return _save(graph, path)
+
+
+def reshaping(path: Path) -> Path:
+    """x [batch, n] reshaped to [-1, 4]: synthetic warm-up inputs with n=1 do not fit."""
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])],
+        "reshaping",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", 4])],
+        initializer=[numpy_helper.from_array(np.array([-1, 4], dtype=np.int64), "shape")],
+    )
+    return _save(graph, path)
