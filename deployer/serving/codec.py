@@ -70,7 +70,7 @@ def decode_infer_request(
         head = body
         binary = memoryview(b"")
     try:
-        doc = json.loads(head)
+        doc = json.loads(head.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
@@ -151,32 +151,29 @@ def encode_infer_response(
     runner: ModelRunner, request: InferRequest, results: list[Array]
 ) -> tuple[bytes, int | None]:
     """Encode outputs as a REST body; the int is the JSON header length when binary follows."""
-    entries: list[dict[str, Any]] = []
+    # Written piece by piece: the names are JSON-quoted once per model (RequestedOutput
+    # and ModelRunner are fixed), and only the data goes through the encoder.
+    parts: list[str] = [runner.response_prefix]
     blobs: list[bytes] = []
     specs = runner.outputs
-    for wanted in request.outputs:
+    for position, wanted in enumerate(request.outputs):
         array = results[wanted.index]
-        datatype = specs[wanted.index].datatype
-        entry: dict[str, Any] = {
-            "name": wanted.name,
-            "datatype": datatype,
-            "shape": list(array.shape),
-        }
+        spec = specs[wanted.index]
+        shape = ",".join(map(str, array.shape))
+        if position:
+            parts.append(",")
+        parts.append(f'{{"name":{spec.quoted_name},"datatype":"{spec.datatype}","shape":[{shape}],')
         if wanted.binary:
-            raw = tensor_to_raw(array, datatype)
-            entry["parameters"] = {"binary_data_size": len(raw)}
+            raw = tensor_to_raw(array, spec.datatype)
+            parts.append(f'"parameters":{{"binary_data_size":{len(raw)}}}}}')
             blobs.append(raw)
         else:
-            entry["data"] = tensor_to_json(array, datatype)
-        entries.append(entry)
-    doc: dict[str, Any] = {
-        "model_name": runner.name,
-        "model_version": runner.version,
-        "outputs": entries,
-    }
+            parts.append(f'"data":{_dumps(tensor_to_json(array, spec.datatype))}}}')
+    parts.append("]")
     if request.id is not None:
-        doc["id"] = request.id
-    header = _dumps(doc).encode()
+        parts.append(f',"id":{_dumps(request.id)}')
+    parts.append("}")
+    header = "".join(parts).encode()
     if blobs:
         return header + b"".join(blobs), len(header)
     return header, None

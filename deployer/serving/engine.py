@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -17,25 +18,25 @@ from deployer.serving.stats import ModelStats
 
 # onnxruntime errors raised for inputs that passed our name/type/shape checks are about
 # the values (an index out of range, a reshape that does not fit): the caller's fault.
+log = logging.getLogger("deployer.serving")
+
 _ORT_REQUEST_ERRORS = (ort_state.InvalidArgument, ort_state.Fail, ort_state.RuntimeException)
+
+
+# Called on the event loop with the request's outputs, or the exception that failed it.
+Done = Callable[[list[Array] | BaseException], None]
 
 
 class _Pending:
     """One request waiting for, or riding in, a batch."""
 
-    __slots__ = ("enqueued", "feeds", "future", "key", "rows")
+    __slots__ = ("done", "enqueued", "feeds", "key", "rows")
 
-    def __init__(
-        self,
-        feeds: dict[str, Array],
-        rows: int,
-        key: Hashable,
-        future: asyncio.Future[list[Array]],
-    ) -> None:
+    def __init__(self, feeds: dict[str, Array], rows: int, key: Hashable, done: Done) -> None:
         self.feeds = feeds
         self.rows = rows
         self.key = key
-        self.future = future
+        self.done = done
         self.enqueued = time.perf_counter_ns()
 
 
@@ -87,22 +88,40 @@ class Engine:
 
     def submit(self, feeds: dict[str, Array]) -> asyncio.Future[list[Array]]:
         """Queue validated feeds; the future resolves to all model outputs for these rows."""
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[Array]] = loop.create_future()
+        future: asyncio.Future[list[Array]] = asyncio.get_running_loop().create_future()
+
+        def resolve(outcome: list[Array] | BaseException) -> None:
+            if future.done():
+                return
+            if isinstance(outcome, BaseException):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
+
+        self.submit_callback(feeds, resolve)
+        return future
+
+    def submit_callback(self, feeds: dict[str, Array], done: Done) -> None:
+        """Queue validated feeds; `done` is called on the loop with the outputs or an error.
+
+        Cheaper than a future on the hot path: no future, no extra loop iteration.
+        """
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
         if self.runner.batchable:
             first = next(iter(feeds.values()))
             rows = int(first.shape[0])
-            key: Hashable = tuple((name, a.shape[1:], a.dtype.str) for name, a in feeds.items())
-            if any(int(a.shape[0]) != rows for a in feeds.values()):
-                raise BadRequest("all inputs must have the same batch size (first dimension)")
+            if len(feeds) == 1:
+                key: Hashable = (first.shape[1:], first.dtype.char)
+            else:
+                if any(int(a.shape[0]) != rows for a in feeds.values()):
+                    raise BadRequest("all inputs must have the same batch size (first dimension)")
+                key = tuple((a.shape[1:], a.dtype.char) for a in feeds.values())
         else:
             rows, key = 1, None
-        self._queue.append(_Pending(feeds, rows, key, future))
+        self._queue.append(_Pending(feeds, rows, key, done))
         self.stats.pending_requests += 1
         self._dispatch()
-        return future
 
     def _dispatch(self) -> None:
         queue = self._queue
@@ -188,29 +207,21 @@ class Engine:
             result = done.result()
         except BaseException as exc:  # the pool itself failed (shut down): fail everyone
             for pending in batch:
-                if not pending.future.done():
-                    pending.future.set_exception(ServingError(f"inference failed: {exc}"))
+                _deliver(pending, ServingError(f"inference failed: {exc}"))
             self._dispatch()
             return
         rows = sum(p.rows for p in batch)
         if result.errors is not None:
             for pending, outcome in zip(batch, result.errors, strict=True):
-                if pending.future.done():
-                    continue
-                if isinstance(outcome, BaseException):
-                    pending.future.set_exception(outcome)
-                else:
-                    pending.future.set_result(outcome)
+                _deliver(pending, outcome)
         elif len(batch) == 1:
-            if not batch[0].future.done():
-                batch[0].future.set_result(result.outputs or [])
+            _deliver(batch[0], result.outputs or [])
         else:
             outputs = result.outputs or []
             offset = 0
             for pending in batch:
                 end = offset + pending.rows
-                if not pending.future.done():
-                    pending.future.set_result([out[offset:end] for out in outputs])
+                _deliver(pending, [out[offset:end] for out in outputs])
                 offset = end
         self.stats.record_batch(
             rows, len(batch), result.input_ns, result.infer_ns, time.perf_counter_ns() - start
@@ -227,3 +238,12 @@ class Engine:
     def busy(self) -> bool:
         """Whether any request is queued or running."""
         return bool(self._queue) or self._inflight > 0
+
+
+def _deliver(pending: _Pending, outcome: list[Array] | BaseException) -> None:
+    try:
+        pending.done(outcome)
+    except Exception:  # one caller's failure must not stop the others' answers
+        log.exception(
+            "error while delivering an inference result", extra={"event": "internal_error"}
+        )

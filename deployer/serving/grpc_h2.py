@@ -426,8 +426,7 @@ class H2GrpcConnection(asyncio.Protocol):
             message = self._message(stream)
             if method == "ModelInfer":
                 request = self.service.pb.ModelInferRequest.FromString(message)
-                call = self.service.infer_begin(request)
-                call.future.add_done_callback(lambda _: self._finish_infer(stream, call))
+                self.service.infer_begin(request, lambda call: self._finish_infer(stream, call))
                 return
             entry = self.service.unary.get(method)
             if entry is None:

@@ -12,7 +12,7 @@ import grpc
 
 from deployer.serving.app import ServingApp
 from deployer.serving.errors import ServingError
-from deployer.serving.grpc_service import SERVICE, GrpcService, status_code
+from deployer.serving.grpc_service import SERVICE, GrpcService, InferCall, status_code
 
 log = logging.getLogger("deployer.serving")
 
@@ -74,9 +74,15 @@ class GrpcServer:
         return call
 
     async def _infer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        call = self.service.infer_begin(request)
-        await asyncio.wait((call.future,))  # infer_finish raises its error, if any
-        return self.service.infer_finish(call)
+        finished: asyncio.Future[InferCall] = asyncio.get_running_loop().create_future()
+
+        def on_done(done: InferCall) -> None:
+            if not finished.done():  # the caller may have gone away
+                finished.set_result(done)
+
+        call = self.service.infer_begin(request, on_done)
+        await finished
+        return self.service.infer_finish(call)  # raises the call's error, if any
 
     def _wrap(self, name: str, handler: Handler) -> Handler:
         app = self.app

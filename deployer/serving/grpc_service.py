@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from typing import Any
@@ -58,21 +57,14 @@ def status_code(exc: ServingError) -> int:
 class InferCall:
     """A ModelInfer call between submission to the batcher and its answer."""
 
-    __slots__ = ("future", "request", "runner", "start_ns", "wanted")
+    __slots__ = ("outcome", "request", "runner", "start_ns", "wanted")
 
-    def __init__(
-        self,
-        request: Any,
-        runner: ModelRunner,
-        wanted: list[int],
-        future: asyncio.Future[list[Array]],
-        start_ns: int,
-    ) -> None:
+    def __init__(self, request: Any, runner: ModelRunner, wanted: list[int], start_ns: int) -> None:
         self.request = request
         self.runner = runner
         self.wanted = wanted
-        self.future = future
         self.start_ns = start_ns
+        self.outcome: list[Array] | BaseException | None = None
 
 
 class GrpcService:
@@ -130,8 +122,9 @@ class GrpcService:
             ],
         )
 
-    def infer_begin(self, request: Any) -> InferCall:
-        """Validate and decode a ModelInferRequest and queue it; raises ServingError."""
+    def infer_begin(self, request: Any, on_done: Callable[[InferCall], None]) -> InferCall:
+        """Validate, decode and queue a ModelInferRequest; `on_done(call)` runs on the loop
+        once the outcome is in. Raises ServingError for a request that cannot be queued."""
         app = self.app
         app.check_model(request.model_name, request.model_version)
         app.check_can_infer()
@@ -139,21 +132,27 @@ class GrpcService:
         start_ns = time.perf_counter_ns()
         try:
             feeds = decode_inputs(runner, request)
-            wanted = requested_outputs(runner, request)
-            future = app.batcher.submit(feeds)
+            call = InferCall(request, runner, requested_outputs(runner, request), start_ns)
+
+            def done(outcome: list[Array] | BaseException) -> None:
+                call.outcome = outcome
+                on_done(call)
+
+            app.batcher.submit_callback(feeds, done)
         except ServingError:
             app.stats.record_failure(time.perf_counter_ns() - start_ns, "REJECTED")
             raise
-        return InferCall(request, runner, wanted, future, start_ns)
+        return call
 
     def infer_finish(self, call: InferCall) -> Any:
-        """Build the ModelInferResponse once the call's future is done; raises ServingError."""
+        """Build the ModelInferResponse from the call's outcome; raises its ServingError."""
         app = self.app
-        try:
-            results = call.future.result()
-        except ServingError:
+        outcome = call.outcome
+        if isinstance(outcome, BaseException) or outcome is None:
             app.stats.record_failure(time.perf_counter_ns() - call.start_ns, "BACKEND")
-            raise
+            if isinstance(outcome, ServingError):
+                raise outcome
+            raise ServingError(f"inference failed: {outcome}")
         runner = call.runner
         response = self.pb.ModelInferResponse(
             model_name=runner.name, model_version=runner.version, id=call.request.id
@@ -162,7 +161,7 @@ class GrpcService:
         add = response.outputs.add
         for index in call.wanted:
             spec = runner.outputs[index]
-            array = results[index]
+            array = outcome[index]
             add(name=spec.name, datatype=spec.datatype, shape=array.shape)
             raw.append(tensor_to_raw(array, spec.datatype))
         app.stats.record_success(time.perf_counter_ns() - call.start_ns)

@@ -127,13 +127,29 @@ _DECODE = _build_decoder()
 _MIN_LENGTH = min(HUFFMAN_LENGTHS)
 
 
+_CACHE: dict[bytes, bytes] = {}
+_CACHE_LIMIT = 4096
+
+
 def huffman_decode(data: bytes | memoryview) -> bytes:
-    """Decode a Huffman-coded string literal."""
+    """Decode a Huffman-coded string literal (memoised: clients repeat the same values)."""
+    raw = bytes(data)
+    cached = _CACHE.get(raw)
+    if cached is not None:
+        return cached
+    decoded = _huffman_decode(raw)
+    if len(_CACHE) >= _CACHE_LIMIT:
+        _CACHE.clear()
+    _CACHE[raw] = decoded
+    return decoded
+
+
+def _huffman_decode(data: bytes) -> bytes:
     out = bytearray()
     code = 0
     length = 0
     table = _DECODE
-    for byte in bytes(data):
+    for byte in data:
         for shift in (7, 6, 5, 4, 3, 2, 1, 0):
             code = (code << 1) | ((byte >> shift) & 1)
             length += 1

@@ -415,15 +415,15 @@ class HttpServer:
                 ) from None
         try:
             request = decode_infer_request(runner, body, length)
-            future = app.batcher.submit(request.feeds)
         except ServingError as exc:
             app.stats.record_failure(time.perf_counter_ns() - start_ns, "REJECTED")
             raise exc from None
 
-        def done(result: asyncio.Future[list[Array]]) -> None:
+        def done(outcome: list[Array] | BaseException) -> None:
             try:
-                outputs = result.result()
-                payload, json_length = encode_infer_response(runner, request, outputs)
+                if isinstance(outcome, BaseException):
+                    raise outcome
+                payload, json_length = encode_infer_response(runner, request, outcome)
             except ServingError as exc:
                 app.stats.record_failure(time.perf_counter_ns() - start_ns, "BACKEND")
                 conn._reply_error(slot, exc)
@@ -439,7 +439,11 @@ class HttpServer:
             else:
                 conn.reply(slot, 200, payload, content_type=_OCTETS, header_length=json_length)
 
-        future.add_done_callback(done)
+        try:
+            app.batcher.submit_callback(request.feeds, done)
+        except ServingError as exc:
+            app.stats.record_failure(time.perf_counter_ns() - start_ns, "REJECTED")
+            raise exc from None
 
     def _decompress(self, body: bytes, encoding: bytes) -> bytes:
         if encoding == b"gzip":

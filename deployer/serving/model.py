@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -35,6 +37,11 @@ class TensorSpec:
     name: str
     datatype: str
     shape: tuple[int, ...]
+
+    @functools.cached_property
+    def quoted_name(self) -> str:
+        """The name as a JSON string literal."""
+        return json.dumps(self.name)
 
     def as_metadata(self) -> dict[str, Any]:
         """The V2 metadata form of this tensor."""
@@ -107,6 +114,11 @@ class ModelRunner:
         self.input_by_name = {spec.name: spec for spec in self.inputs}
         self.output_index = {spec.name: index for index, spec in enumerate(self.outputs)}
         self.output_names = [spec.name for spec in self.outputs]
+        # The start of every REST infer answer: {"model_name":..,"model_version":..,"outputs":[
+        self.response_prefix = (
+            f'{{"model_name":{json.dumps(self.name)},'
+            f'"model_version":{json.dumps(self.version)},"outputs":['
+        )
         self._string_inputs = {spec.name for spec in self.inputs if spec.datatype == "BYTES"}
         self.max_batch_size = config.max_batch_size if config.max_batch_size > 1 else 0
         self.batchable = self.max_batch_size > 0 and self._has_batch_axis()
