@@ -267,6 +267,11 @@ class HttpServer:
         self._server: asyncio.base_events.Server | None = None
         self._ready_body = dumps({"ready": True})
         self._live_body = dumps({"live": True})
+        name, version = app.config.model_name, app.config.model_version
+        self._infer_paths = {
+            f"/v2/models/{name}/infer",
+            f"/v2/models/{name}/versions/{version}/infer",
+        }
 
     async def start(self, host: str, port: int) -> int:
         """Listen; returns the bound port (useful when `port` is 0)."""
@@ -325,6 +330,9 @@ class HttpServer:
         header_length: bytes | None,
         encoding: bytes | None,
     ) -> None:
+        if method == "POST" and path in self._infer_paths:  # the hot path, without parsing
+            self._infer(conn, slot, body, header_length, encoding)
+            return
         parts = path.strip("/").split("/")
         if not parts or parts[0] != "v2":
             raise NotFound(f"no route for {path}")
