@@ -1,0 +1,204 @@
+"""Child-process entry point that validates an ONNX model and records its known answer.
+
+Run by ``deployer.validate`` under memory and time limits, never in a worker:
+
+    python -m deployer.onnx_inspect --model M.onnx --out DIR [--sample S] --result R.json
+
+It checks the file with the ONNX checker, loads it in onnxruntime, reads the
+signature, runs the model once on the sample (the user's, else generated) and
+writes ``known_answer.npz`` into DIR. Handled problems are written to the result
+file with a code and a message, and the process exits with status 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from deployer.errors import DeployerError, InvalidModel, InvalidSample
+from deployer.samples import generate_sample, load_sample, save_known_answer
+from deployer.sandbox import HANDLED_ERROR_EXIT, write_result
+from deployer.signature import ORT_TO_V2, Signature, TensorSpec, ort_dims
+
+KNOWN_ANSWER_FILE = "known_answer.npz"
+
+
+def inspect_model(model_path: Path, out_dir: Path, sample_path: Path | None) -> dict[str, Any]:
+    """Validate the model and write its known answer; return the inspection report."""
+    import onnx
+    import onnxruntime as ort
+    from google.protobuf.message import DecodeError
+
+    size = model_path.stat().st_size
+    if size == 0:
+        raise InvalidModel(
+            "The uploaded file is empty (0 bytes). Upload the .onnx file your exporter wrote.",
+            code="empty_file",
+        )
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    try:
+        proto = onnx.load(str(model_path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError) as exc:
+        raise InvalidModel(
+            "The file is not an ONNX model: it could not be parsed as an ONNX protobuf "
+            f"({exc}). If it was cut short, upload it again; if it is another format, "
+            "export it to ONNX first.",
+            code="not_onnx",
+        ) from exc
+    if not proto.HasField("graph") or proto.ir_version == 0 or not proto.opset_import:
+        raise InvalidModel(
+            "The file parsed, but it holds no ONNX graph (no IR version, opset or graph). "
+            "It is not an ONNX model; export your model with torch.onnx.export, skl2onnx "
+            "or tf2onnx and upload the .onnx file.",
+            code="not_onnx",
+        )
+    _check_external_data(proto, model_path.parent)
+    try:
+        onnx.checker.check_model(str(model_path))
+    except onnx.checker.ValidationError as exc:
+        raise InvalidModel(
+            f"The ONNX checker rejected the model: {_first_line(exc)}", code="onnx_check_failed"
+        ) from exc
+    timings["parse_and_check_ms"] = _ms(started)
+
+    started = time.perf_counter()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    try:
+        session = ort.InferenceSession(
+            str(model_path), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+    except Exception as exc:  # onnxruntime raises several unrelated exception types
+        raise InvalidModel(
+            f"onnxruntime {ort.__version__} could not load the model: {_first_line(exc)}. "
+            "Check that the opset and operators are supported by this onnxruntime.",
+            code="runtime_load_failed",
+        ) from exc
+    timings["load_ms"] = _ms(started)
+
+    signature = Signature(
+        inputs=tuple(_spec(i) for i in session.get_inputs()),
+        outputs=tuple(_spec(o) for o in session.get_outputs()),
+    )
+    if sample_path is not None:
+        inputs = load_sample(sample_path, signature)
+        source = "uploaded"
+    else:
+        inputs = generate_sample(signature)
+        source = "generated"
+
+    started = time.perf_counter()
+    try:
+        values = session.run(None, inputs)
+    except Exception as exc:  # onnxruntime's errors carry the operator that failed
+        if source == "uploaded":
+            raise InvalidSample(
+                f"The model failed on the uploaded sample input: {_first_line(exc)}"
+            ) from exc
+        raise InvalidModel(
+            f"The model loaded but failed on a generated input: {_first_line(exc)}. "
+            "Upload a sample input that the model accepts.",
+            code="inference_failed",
+        ) from exc
+    timings["inference_ms"] = _ms(started)
+    outputs = {spec.name: value for spec, value in zip(signature.outputs, values, strict=True)}
+    save_known_answer(out_dir / KNOWN_ANSWER_FILE, inputs, outputs)
+
+    return {
+        "signature": signature.to_dict(),
+        "sample_source": source,
+        "sample_shapes": {name: list(array.shape) for name, array in inputs.items()},
+        "ir_version": int(proto.ir_version),
+        "opsets": {entry.domain or "ai.onnx": int(entry.version) for entry in proto.opset_import},
+        "producer": f"{proto.producer_name} {proto.producer_version}".strip(),
+        "node_count": len(proto.graph.node),
+        "parameter_count": int(sum(_numel(t) for t in proto.graph.initializer)),
+        "size_bytes": size,
+        "onnx_version": onnx.__version__,
+        "onnxruntime_version": ort.__version__,
+        "timings": timings,
+    }
+
+
+def _check_external_data(proto: Any, model_dir: Path) -> None:
+    """External data files must be relative paths that stay inside the model's folder."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    root = model_dir.resolve()
+    for tensor in proto.graph.initializer:
+        if not uses_external_data(tensor):
+            continue
+        location = ExternalDataInfo(tensor).location
+        target = (root / location).resolve()
+        if (
+            os.path.isabs(location)
+            or ".." in Path(location).parts
+            or not target.is_relative_to(root)
+        ):
+            raise InvalidModel(
+                f"Tensor {tensor.name} keeps its data at {location!r}, outside the model's own "
+                "folder. External data files must sit next to the model (upload a .zip with both).",
+                code="external_data_outside",
+            )
+        if not target.is_file():
+            raise InvalidModel(
+                f"Tensor {tensor.name} keeps its data in {location!r}, which was not uploaded. "
+                "Upload a .zip holding the model and its external data files.",
+                code="external_data_missing",
+            )
+
+
+def _spec(node: Any) -> TensorSpec:
+    datatype = ORT_TO_V2.get(node.type)
+    if datatype is None:
+        raise InvalidModel(
+            f"{node.name} has type {node.type}, which cannot be served over the inference "
+            "protocol (only tensors of numbers, booleans and strings can).",
+            code="unsupported_type",
+        )
+    return TensorSpec(name=node.name, datatype=datatype, shape=ort_dims(list(node.shape or [])))
+
+
+def _numel(tensor: Any) -> int:
+    count = 1
+    for dim in tensor.dims:
+        count *= int(dim)
+    return count
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:600]
+
+
+def _ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deployer.onnx_inspect")
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--sample", type=Path)
+    parser.add_argument("--result", type=Path, required=True)
+    args = parser.parse_args(argv)
+    try:
+        report = inspect_model(args.model, args.out, args.sample)
+    except DeployerError as exc:
+        write_result(args.result, {"code": exc.code, "message": exc.message})
+        return HANDLED_ERROR_EXIT
+    except MemoryError:
+        print("MemoryError while inspecting the model", file=sys.stderr)
+        return 1
+    write_result(args.result, report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

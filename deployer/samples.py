@@ -1,0 +1,203 @@
+"""Sample inputs: read the user's (.npy, .npz, JSON), or generate them from a signature.
+
+Known answers are kept as ``.npz`` files without pickled objects: string tensors
+are stored as fixed-width unicode arrays, so loading one never runs code.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deployer.errors import InvalidSample
+from deployer.signature import Signature, TensorSpec
+
+Arrays = dict[str, np.ndarray[Any, Any]]
+MAX_SAMPLE_BYTES = 64 * 1024 * 1024
+
+
+def generate_sample(signature: Signature, *, batch: int = 2, seed: int = 0) -> Arrays:
+    """Inputs that fit the signature: free dimensions become ``batch`` first, 1 after."""
+    rng = np.random.default_rng(seed)
+    arrays: Arrays = {}
+    for spec in signature.inputs:
+        shape = tuple((batch if i == 0 else 1) if d < 0 else d for i, d in enumerate(spec.shape))
+        arrays[spec.name] = _random_tensor(spec, shape, rng)
+    return arrays
+
+
+def _random_tensor(
+    spec: TensorSpec, shape: tuple[int, ...], rng: np.random.Generator
+) -> np.ndarray[Any, Any]:
+    if spec.datatype == "BYTES":
+        return np.array([f"sample-{i}" for i in range(int(np.prod(shape)))], dtype=object).reshape(
+            shape
+        )
+    if spec.datatype == "BOOL":
+        return rng.integers(0, 2, size=shape).astype(bool)
+    dtype = spec.numpy_dtype
+    if np.issubdtype(dtype, np.floating):
+        return rng.standard_normal(size=shape).astype(dtype)
+    # Integer inputs are often indices (token ids, categories): keep them small and valid.
+    return rng.integers(0, 2, size=shape).astype(dtype)
+
+
+def load_sample(path: Path, signature: Signature) -> Arrays:
+    """Read a user's sample and check it against the signature."""
+    size = path.stat().st_size
+    if size == 0:
+        raise InvalidSample("The sample input file is empty.")
+    if size > MAX_SAMPLE_BYTES:
+        raise InvalidSample(
+            f"The sample input is {size // (1024 * 1024)} MB; keep it under "
+            f"{MAX_SAMPLE_BYTES // (1024 * 1024)} MB (a few rows are enough)."
+        )
+    head = path.read_bytes()[:8]
+    if head.startswith(b"\x93NUMPY"):
+        arrays = _from_npy(path, signature)
+    elif head.startswith(b"PK"):
+        arrays = _from_npz(path)
+    else:
+        arrays = _from_json(path, signature)
+    return conform(arrays, signature)
+
+
+def _from_npy(path: Path, signature: Signature) -> Arrays:
+    if len(signature.inputs) != 1:
+        names = ", ".join(s.name for s in signature.inputs)
+        raise InvalidSample(
+            f"A .npy sample holds one array, but the model has {len(signature.inputs)} inputs "
+            f"({names}). Upload an .npz with one array per input name."
+        )
+    try:
+        array = np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        raise InvalidSample(
+            f"The .npy sample could not be read without unpickling ({exc}). Save it with a "
+            "numeric or string dtype, not dtype=object."
+        ) from exc
+    return {signature.inputs[0].name: array}
+
+
+def _from_npz(path: Path) -> Arrays:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {name: archive[name] for name in archive.files}
+    except (ValueError, zipfile.BadZipFile, OSError) as exc:
+        raise InvalidSample(f"The .npz sample could not be read: {exc}") from exc
+
+
+def _from_json(path: Path, signature: Signature) -> Arrays:
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InvalidSample(f"The sample input is not .npy, .npz or valid JSON ({exc}).") from exc
+    if isinstance(document, dict) and isinstance(document.get("inputs"), list):
+        arrays: Arrays = {}
+        for item in document["inputs"]:
+            if not isinstance(item, dict) or "name" not in item or "data" not in item:
+                raise InvalidSample(
+                    'Each entry of "inputs" needs at least "name" and "data" (and "shape").'
+                )
+            data = np.array(item["data"])
+            if "shape" in item:
+                try:
+                    data = data.reshape(item["shape"])
+                except ValueError as exc:
+                    raise InvalidSample(f"Input {item['name']}: {exc}") from exc
+            arrays[str(item["name"])] = data
+        return arrays
+    if isinstance(document, dict):
+        return {str(name): np.array(value) for name, value in document.items()}
+    if isinstance(document, list) and len(signature.inputs) == 1:
+        return {signature.inputs[0].name: np.array(document)}
+    raise InvalidSample(
+        'A JSON sample is either {"input name": [...]} or a V2 request {"inputs": [...]}.'
+    )
+
+
+def conform(arrays: Arrays, signature: Signature) -> Arrays:
+    """Check names, ranks and fixed dimensions, and cast to the model's dtypes."""
+    expected = {spec.name: spec for spec in signature.inputs}
+    missing = sorted(set(expected) - set(arrays))
+    unknown = sorted(set(arrays) - set(expected))
+    if missing or unknown:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing)}")
+        if unknown:
+            parts.append(f"unknown {', '.join(unknown)}")
+        raise InvalidSample(
+            f"The sample's inputs do not match the model ({'; '.join(parts)}). "
+            f"The model expects: {', '.join(expected)}."
+        )
+    result: Arrays = {}
+    for name, spec in expected.items():
+        array = arrays[name]
+        if array.ndim != len(spec.shape):
+            raise InvalidSample(
+                f"Input {name} has shape {list(array.shape)} but the model expects "
+                f"{len(spec.shape)} dimensions ({_shape_text(spec)})."
+            )
+        for axis, (got, want) in enumerate(zip(array.shape, spec.shape, strict=True)):
+            if want >= 0 and got != want:
+                raise InvalidSample(
+                    f"Input {name} has size {got} in dimension {axis}, the model expects "
+                    f"{want} ({_shape_text(spec)})."
+                )
+        result[name] = _cast(name, array, spec)
+    return result
+
+
+def _cast(name: str, array: np.ndarray[Any, Any], spec: TensorSpec) -> np.ndarray[Any, Any]:
+    if spec.datatype == "BYTES":
+        if array.dtype.kind not in "USO":
+            raise InvalidSample(f"Input {name} must hold strings, got {array.dtype}.")
+        return array.astype(object)
+    if array.dtype.kind in "USO":
+        raise InvalidSample(f"Input {name} must be {spec.datatype}, got strings.")
+    target = spec.numpy_dtype
+    fractional = array.dtype.kind == "f" and target.kind in "iu" and spec.datatype != "BOOL"
+    if fractional and not np.all(np.mod(array, 1) == 0):
+        raise InvalidSample(f"Input {name} must be {spec.datatype}; it holds fractions.")
+    return array.astype(target)
+
+
+def _shape_text(spec: TensorSpec) -> str:
+    dims = ", ".join("any" if d < 0 else str(d) for d in spec.shape)
+    return f"[{dims}]"
+
+
+def save_known_answer(path: Path, inputs: Arrays, outputs: Arrays) -> None:
+    """Store inputs and the outputs they must produce, without pickled objects."""
+    payload = {f"input:{k}": _storable(v) for k, v in inputs.items()}
+    payload.update({f"output:{k}": _storable(v) for k, v in outputs.items()})
+    with path.open("wb") as handle:
+        np.savez(handle, allow_pickle=False, **payload)
+
+
+def load_known_answer(path: Path) -> tuple[Arrays, Arrays]:
+    """Read a known answer written by ``save_known_answer``."""
+    inputs: Arrays = {}
+    outputs: Arrays = {}
+    with np.load(path, allow_pickle=False) as archive:
+        for key in archive.files:
+            kind, _, name = key.partition(":")
+            (inputs if kind == "input" else outputs)[name] = archive[key]
+    return inputs, outputs
+
+
+def _storable(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    if array.dtype == object:
+        return np.array(
+            [
+                v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+                for v in array.ravel()
+            ],
+            dtype=str,
+        ).reshape(array.shape)
+    return array

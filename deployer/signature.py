@@ -1,0 +1,99 @@
+"""Model input/output signatures in the Open Inference Protocol's terms."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+# onnxruntime's type strings and numpy dtypes for each V2 datatype.
+ORT_TO_V2: dict[str, str] = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+    "tensor(bfloat16)": "BF16",
+}
+V2_TO_NUMPY: dict[str, str] = {
+    "BOOL": "bool",
+    "UINT8": "uint8",
+    "UINT16": "uint16",
+    "UINT32": "uint32",
+    "UINT64": "uint64",
+    "INT8": "int8",
+    "INT16": "int16",
+    "INT32": "int32",
+    "INT64": "int64",
+    "FP16": "float16",
+    "FP32": "float32",
+    "FP64": "float64",
+    "BYTES": "object",
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One named input or output: V2 datatype and shape, with -1 for a free dimension."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    @property
+    def numpy_dtype(self) -> np.dtype[Any]:
+        if self.datatype not in V2_TO_NUMPY:
+            raise ValueError(f"{self.name}: datatype {self.datatype} has no numpy equivalent")
+        return np.dtype(V2_TO_NUMPY[self.datatype])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TensorSpec:
+        return cls(
+            name=str(data["name"]),
+            datatype=str(data["datatype"]),
+            shape=tuple(int(d) for d in data["shape"]),
+        )
+
+
+@dataclass(frozen=True)
+class Signature:
+    """A model's inputs and outputs."""
+
+    inputs: tuple[TensorSpec, ...] = field(default_factory=tuple)
+    outputs: tuple[TensorSpec, ...] = field(default_factory=tuple)
+
+    @property
+    def dynamic_batch(self) -> bool:
+        """Whether every input and output has a free first dimension."""
+        specs = self.inputs + self.outputs
+        return bool(specs) and all(s.shape and s.shape[0] == -1 for s in specs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "inputs": [s.to_dict() for s in self.inputs],
+            "outputs": [s.to_dict() for s in self.outputs],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Signature:
+        return cls(
+            inputs=tuple(TensorSpec.from_dict(d) for d in data.get("inputs", [])),
+            outputs=tuple(TensorSpec.from_dict(d) for d in data.get("outputs", [])),
+        )
+
+
+def ort_dims(shape: list[int | str | None]) -> tuple[int, ...]:
+    """onnxruntime's shape (ints, symbolic names or None) with -1 for anything not fixed."""
+    return tuple(d if isinstance(d, int) and d >= 0 else -1 for d in shape)

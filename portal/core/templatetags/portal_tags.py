@@ -1,0 +1,17 @@
+"""Template filters for the portal's pages."""
+
+from __future__ import annotations
+
+from django import template
+
+register = template.Library()
+
+
+@register.filter
+def shape(dims: list[int] | None) -> str:
+    """A tensor shape for people: [-1, 4] reads "batch × 4" (a free dimension is "any")."""
+    if not dims:
+        return "scalar"
+    return " × ".join(
+        ("batch" if i == 0 else "any") if d < 0 else str(d) for i, d in enumerate(dims)
+    )

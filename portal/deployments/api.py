@@ -1,0 +1,149 @@
+"""REST API for deploying, listing, rolling back and deleting deployments."""
+
+from __future__ import annotations
+
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import status
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from portal.accounts.access import api_access
+from portal.accounts.choices import Role
+from portal.core import engine
+from portal.deployments import selectors, services
+from portal.deployments.models import Deployment, Revision
+from portal.deployments.serializers import (
+    DeploymentSerializer,
+    DeployRequestSerializer,
+    DeployResponseSerializer,
+    LogsSerializer,
+    RevisionSerializer,
+    RollbackRequestSerializer,
+)
+from portal.registry import selectors as registry_selectors
+
+
+def _accepted(revision_id: int, deployment_id: int) -> Response:
+    revision = Revision.objects.select_related("version", "requested_by").get(pk=revision_id)
+    deployment = Deployment.objects.select_related("model", "current_revision__version").get(
+        pk=deployment_id
+    )
+    body = {
+        "deployment": DeploymentSerializer(deployment).data,
+        "revision": RevisionSerializer(revision).data,
+    }
+    return Response(body, status=status.HTTP_202_ACCEPTED)
+
+
+class DeployView(APIView):
+    """Deploy a ready version to a named deployment of its model."""
+
+    @extend_schema(request=DeployRequestSerializer, responses={202: DeployResponseSerializer})
+    def post(self, request: Request, name: str, number: int) -> Response:
+        access = api_access(request)
+        model = registry_selectors.model_get(team=access.team, name=name)
+        version = registry_selectors.version_get(model=model, number=number)
+        access.require(Role.MEMBER, "deploy")
+        data = DeployRequestSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        fields = data.validated_data
+        revision = services.deployment_deploy(
+            version=version,
+            name=fields["deployment"],
+            device=fields["device"],
+            cpus=fields.get("cpus"),
+            memory_mb=fields.get("memory_mb"),
+            user=access.user,
+        )
+        return _accepted(revision.pk, revision.deployment_id)
+
+
+class DeploymentListView(APIView):
+    """The team's deployments."""
+
+    @extend_schema(
+        parameters=[OpenApiParameter("model", str, description="Only this model's deployments.")],
+        responses=DeploymentSerializer(many=True),
+    )
+    def get(self, request: Request) -> Response:
+        team = api_access(request).team
+        model_name = request.query_params.get("model")
+        model = registry_selectors.model_get(team=team, name=model_name) if model_name else None
+        deployments = selectors.deployment_list(team=team, model=model)
+        return Response(DeploymentSerializer(deployments, many=True).data)
+
+
+class DeploymentDetailView(APIView):
+    """One deployment; DELETE stops it and removes it."""
+
+    @extend_schema(responses=DeploymentSerializer)
+    def get(self, request: Request, deployment_id: int) -> Response:
+        deployment = selectors.deployment_get(
+            team=api_access(request).team, deployment_id=deployment_id
+        )
+        return Response(DeploymentSerializer(deployment).data)
+
+    @extend_schema(responses={202: DeploymentSerializer})
+    def delete(self, request: Request, deployment_id: int) -> Response:
+        access = api_access(request)
+        deployment = selectors.deployment_get(team=access.team, deployment_id=deployment_id)
+        access.require(Role.ADMIN, "delete deployments")
+        services.deployment_stop(deployment=deployment, user=access.user, delete=True)
+        deployment.refresh_from_db()
+        return Response(DeploymentSerializer(deployment).data, status=status.HTTP_202_ACCEPTED)
+
+
+class RevisionListView(APIView):
+    """Which versions a deployment ran, from when to when, who asked, and the outcome."""
+
+    @extend_schema(responses=RevisionSerializer(many=True))
+    def get(self, request: Request, deployment_id: int) -> Response:
+        deployment = selectors.deployment_get(
+            team=api_access(request).team, deployment_id=deployment_id
+        )
+        revisions = selectors.revision_list(deployment=deployment)
+        return Response(RevisionSerializer(revisions, many=True).data)
+
+
+class RollbackView(APIView):
+    """Return a deployment to an earlier version, without a rebuild (team admins only)."""
+
+    @extend_schema(request=RollbackRequestSerializer, responses={202: DeployResponseSerializer})
+    def post(self, request: Request, deployment_id: int) -> Response:
+        access = api_access(request)
+        deployment = selectors.deployment_get(team=access.team, deployment_id=deployment_id)
+        access.require(Role.ADMIN, "roll back deployments")
+        data = RollbackRequestSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        version = registry_selectors.version_get(
+            model=deployment.model, number=data.validated_data["version"]
+        )
+        revision = services.deployment_rollback(
+            deployment=deployment, to_version=version, user=access.user
+        )
+        return _accepted(revision.pk, deployment.pk)
+
+
+class DeploymentLogsView(APIView):
+    """The last lines the deployment's live instance wrote."""
+
+    @extend_schema(
+        parameters=[OpenApiParameter("tail", int, description="Number of lines (default 200).")],
+        responses=LogsSerializer,
+    )
+    def get(self, request: Request, deployment_id: int) -> Response:
+        deployment = selectors.deployment_get(
+            team=api_access(request).team, deployment_id=deployment_id
+        )
+        try:
+            tail = max(1, min(int(request.query_params.get("tail", 200)), 5000))
+        except ValueError:
+            tail = 200
+        revision = deployment.current_revision or deployment.revisions.exclude(handle="").first()
+        lines = (
+            engine.runtime().logs(revision.handle, tail=tail)
+            if revision and revision.handle
+            else ""
+        )
+        return Response({"revision": revision.pk if revision else None, "lines": lines})

@@ -1,0 +1,130 @@
+"""Deployments and the revisions each one has run."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+from portal.accounts.models import Team
+from portal.deployments.choices import (
+    FINAL_DEPLOYMENT_STATUSES,
+    DeploymentStatus,
+    Device,
+    RevisionKind,
+    RevisionStatus,
+)
+from portal.registry.models import Model, ModelVersion, name_validator
+
+
+class Deployment(models.Model):
+    """A named, long-lived endpoint for one model (for example ``production``)."""
+
+    model = models.ForeignKey(Model, on_delete=models.CASCADE, related_name="deployments")
+    name = models.CharField(max_length=63, validators=[name_validator])
+    status = models.CharField(
+        max_length=16, choices=DeploymentStatus.choices, default=DeploymentStatus.PENDING
+    )
+    device = models.CharField(max_length=8, choices=Device.choices, default=Device.CPU)
+    cpus = models.DecimalField(max_digits=5, decimal_places=2, default=1)
+    memory_mb = models.PositiveIntegerField(default=1024)
+    current_revision = models.ForeignKey(
+        "Revision", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    endpoint_url = models.URLField(max_length=500, blank=True)
+    error = models.TextField(blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["model__name", "name"]
+        constraints = [
+            models.UniqueConstraint(fields=["model", "name"], name="deployment_unique_name"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.model.name}/{self.name}"
+
+    @property
+    def is_final(self) -> bool:
+        return self.status in FINAL_DEPLOYMENT_STATUSES
+
+    @property
+    def team(self) -> Team:
+        return self.model.team
+
+    def mark_running(self, *, revision: Revision, endpoint_url: str) -> None:
+        """Point the deployment at a revision that answered its known-answer check."""
+        self.status, self.current_revision, self.endpoint_url = (
+            DeploymentStatus.RUNNING,
+            revision,
+            endpoint_url,
+        )
+        self.error = ""
+        self.save(
+            update_fields=["status", "current_revision", "endpoint_url", "error", "updated_at"]
+        )
+
+    def mark_failed(self, *, message: str) -> None:
+        """Record why a rollout failed; a revision still live keeps serving."""
+        self.status = (
+            DeploymentStatus.RUNNING if self.current_revision_id else DeploymentStatus.FAILED
+        )
+        self.error = message
+        self.save(update_fields=["status", "error", "updated_at"])
+
+
+class Revision(models.Model):
+    """One version a deployment ran (or tried to), from when to when, and who asked."""
+
+    deployment = models.ForeignKey(Deployment, on_delete=models.CASCADE, related_name="revisions")
+    version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="revisions")
+    kind = models.CharField(
+        max_length=16, choices=RevisionKind.choices, default=RevisionKind.DEPLOY
+    )
+    status = models.CharField(
+        max_length=16, choices=RevisionStatus.choices, default=RevisionStatus.PENDING
+    )
+    requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, related_name="+"
+    )
+    runtime = models.CharField(max_length=16, blank=True)
+    # The runtime's own handle for what it started (process id, container id).
+    handle = models.CharField(max_length=128, blank=True)
+    internal_url = models.CharField(max_length=255, blank=True)
+    error = models.TextField(blank=True)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    live_from = models.DateTimeField(null=True, blank=True)
+    live_until = models.DateTimeField(null=True, blank=True)
+    ready_seconds = models.FloatField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["status", "updated_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.deployment} → v{self.version.number} ({self.status})"
+
+    def mark_live(self, *, ready_seconds: float) -> None:
+        self.status, self.live_from, self.ready_seconds = (
+            RevisionStatus.LIVE,
+            timezone.now(),
+            ready_seconds,
+        )
+        self.error = ""
+        self.save(update_fields=["status", "live_from", "ready_seconds", "error", "updated_at"])
+
+    def mark_ended(self, *, status: str) -> None:
+        """End a live revision: superseded by another, or stopped."""
+        self.status, self.live_until = status, timezone.now()
+        self.save(update_fields=["status", "live_until", "updated_at"])
+
+    def mark_failed(self, *, message: str) -> None:
+        self.status, self.error = RevisionStatus.FAILED, message
+        self.live_until = self.live_until or (timezone.now() if self.live_from else None)
+        self.save(update_fields=["status", "error", "live_until", "updated_at"])

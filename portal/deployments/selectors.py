@@ -1,0 +1,34 @@
+"""Reading deployments and revisions, always inside one team."""
+
+from __future__ import annotations
+
+from django.db.models import QuerySet
+from django.shortcuts import get_object_or_404
+
+from portal.accounts.models import Team
+from portal.deployments.models import Deployment, Revision
+from portal.registry.models import Model
+
+
+def deployment_list(*, team: Team, model: Model | None = None) -> QuerySet[Deployment]:
+    deployments = Deployment.objects.filter(model__team=team).select_related(
+        "model__team", "current_revision__version"
+    )
+    if model is not None:
+        deployments = deployments.filter(model=model)
+    return deployments.order_by("model__name", "name")
+
+
+def deployment_get(*, team: Team, deployment_id: int) -> Deployment:
+    """The team's deployment with this id, or 404 (also for other teams' deployments)."""
+    return get_object_or_404(
+        Deployment.objects.select_related("model__team", "current_revision__version"),
+        pk=deployment_id,
+        model__team=team,
+    )
+
+
+def revision_list(*, deployment: Deployment) -> QuerySet[Revision]:
+    return deployment.revisions.select_related("version", "requested_by").order_by(
+        "-created_at", "-id"
+    )

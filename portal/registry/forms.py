@@ -1,0 +1,32 @@
+"""Forms for the model pages."""
+
+from __future__ import annotations
+
+from django import forms
+
+from portal.registry.choices import SourceFormat
+from portal.registry.models import name_validator
+
+
+class ModelCreateForm(forms.Form):
+    name = forms.CharField(
+        max_length=63,
+        validators=[name_validator],
+        help_text="Lower-case letters, digits and hyphens, e.g. fraud-detector.",
+        widget=forms.TextInput(attrs={"placeholder": "fraud-detector", "autocomplete": "off"}),
+    )
+    description = forms.CharField(
+        required=False, max_length=4000, widget=forms.Textarea(attrs={"rows": 2})
+    )
+
+
+class UploadForm(forms.Form):
+    file = forms.FileField(label="Model file", help_text="An .onnx file.", allow_empty_file=True)
+    format = forms.ChoiceField(
+        choices=[("", "Detect from the file"), *SourceFormat.choices], required=False
+    )
+    sample_input = forms.FileField(
+        required=False,
+        label="Sample input (optional)",
+        help_text=".npy, .npz (one array per input) or JSON. Used for the known-answer check.",
+    )

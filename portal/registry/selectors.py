@@ -1,0 +1,38 @@
+"""Reading models and versions, always inside one team."""
+
+from __future__ import annotations
+
+from django.db.models import Count, OuterRef, Q, QuerySet, Subquery
+from django.shortcuts import get_object_or_404
+
+from portal.accounts.models import Team
+from portal.registry.models import Model, ModelVersion
+
+
+def model_list(*, team: Team, search: str = "") -> QuerySet[Model]:
+    """The team's models with their version count and latest version's number and status."""
+    latest = ModelVersion.objects.filter(model=OuterRef("pk")).order_by("-number")
+    models = Model.objects.filter(team=team).annotate(
+        version_count=Count("versions", distinct=True),
+        latest_number=Subquery(latest.values("number")[:1]),
+        latest_status=Subquery(latest.values("status")[:1]),
+    )
+    if search:
+        models = models.filter(Q(name__icontains=search) | Q(description__icontains=search))
+    return models.order_by("name")
+
+
+def model_get(*, team: Team, name: str) -> Model:
+    """The team's model called ``name``, or 404."""
+    return get_object_or_404(Model.objects.select_related("team"), team=team, name=name)
+
+
+def version_list(*, model: Model) -> QuerySet[ModelVersion]:
+    return model.versions.select_related("model__team", "created_by").order_by("-number")
+
+
+def version_get(*, model: Model, number: int) -> ModelVersion:
+    """The model's version ``number``, or 404."""
+    return get_object_or_404(
+        ModelVersion.objects.select_related("model__team", "created_by"), model=model, number=number
+    )

@@ -1,0 +1,107 @@
+"""API shapes for models and versions. Serializers validate shape only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from rest_framework import serializers
+
+from deployer.tracking import model_version_url, run_url
+from portal.registry.choices import SourceFormat
+from portal.registry.models import NAME_RE, Model, ModelVersion
+
+
+class LatestVersionSerializer(serializers.Serializer[Any]):
+    number = serializers.IntegerField()
+    status = serializers.CharField()
+
+
+class ModelSerializer(serializers.ModelSerializer[Model]):
+    version_count = serializers.SerializerMethodField()
+    latest_version = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Model
+        fields = [
+            "name",
+            "description",
+            "version_count",
+            "latest_version",
+            "created_at",
+            "updated_at",
+        ]
+
+    def get_version_count(self, obj: Model) -> int:
+        count = getattr(obj, "version_count", None)
+        return int(count) if count is not None else obj.versions.count()
+
+    def get_latest_version(self, obj: Model) -> dict[str, Any] | None:
+        number = getattr(obj, "latest_number", None)
+        if number is not None:
+            return {"number": number, "status": obj.latest_status}  # type: ignore[attr-defined]
+        latest = obj.versions.order_by("-number").first()
+        return {"number": latest.number, "status": latest.status} if latest else None
+
+
+class ModelCreateSerializer(serializers.Serializer[Any]):
+    name = serializers.RegexField(
+        NAME_RE,
+        max_length=63,
+        error_messages={
+            "invalid": "Use 1-63 lower-case letters, digits and hyphens, starting and ending "
+            "with a letter or digit (for example fraud-detector)."
+        },
+    )
+    description = serializers.CharField(
+        required=False, allow_blank=True, max_length=4000, default=""
+    )
+
+
+class ModelUpdateSerializer(serializers.Serializer[Any]):
+    description = serializers.CharField(allow_blank=True, max_length=4000)
+
+
+class MlflowSerializer(serializers.Serializer[Any]):
+    registered_model = serializers.CharField()
+    run_id = serializers.CharField()
+    version = serializers.CharField()
+    run_url = serializers.CharField(allow_blank=True)
+    version_url = serializers.CharField(allow_blank=True)
+
+
+class VersionSerializer(serializers.ModelSerializer[ModelVersion]):
+    model = serializers.CharField(source="model.name", read_only=True)
+    created_by = serializers.CharField(source="created_by.username", default=None, read_only=True)
+    mlflow = serializers.SerializerMethodField()
+
+    class Meta:
+        model = ModelVersion
+        fields = [
+            "model", "number", "status", "step", "progress", "error_code", "error",
+            "source_format", "file_name", "size_bytes", "sha256", "signature", "report",
+            "mlflow", "image_ref", "attempts", "created_by", "created_at", "started_at",
+            "finished_at",
+        ]  # fmt: skip
+
+    def get_mlflow(self, obj: ModelVersion) -> dict[str, str] | None:
+        if not obj.mlflow_run_id:
+            return None
+        ui = settings.MLFLOW_UI_URL
+        experiment = str(obj.report.get("mlflow", {}).get("experiment_id", ""))
+        name = obj.model.mlflow_name
+        return {
+            "registered_model": name,
+            "run_id": obj.mlflow_run_id,
+            "version": obj.mlflow_version,
+            "run_url": run_url(ui, experiment, obj.mlflow_run_id) if ui else "",
+            "version_url": model_version_url(ui, name, obj.mlflow_version)
+            if ui and obj.mlflow_version
+            else "",
+        }
+
+
+class VersionUploadSerializer(serializers.Serializer[Any]):
+    file = serializers.FileField(allow_empty_file=True, use_url=False)
+    format = serializers.ChoiceField(choices=SourceFormat.choices, required=False, allow_blank=True)
+    sample_input = serializers.FileField(required=False, use_url=False)

@@ -1,0 +1,397 @@
+"""Writing models and versions, and the version pipeline (validate, register, ready)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from datetime import timedelta
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.files.uploadedfile import TemporaryUploadedFile, UploadedFile
+from django.db import IntegrityError, transaction
+from django.db.models import F, Max, Q
+from django.db.models.functions import Coalesce, Now
+from django.utils import timezone
+
+from deployer.errors import DeployerError, TrackingError
+from deployer.tracking import TrackingRequest, track_version
+from deployer.validate import ValidationRequest, validate_onnx
+from portal.core import engine
+from portal.core.api import Conflict
+from portal.core.choices import EventLevel
+from portal.core.services import StepTimer, event_record
+from portal.registry.choices import (
+    FINAL_VERSION_STATUSES,
+    WORKING_VERSION_STATUSES,
+    SourceFormat,
+    VersionStatus,
+)
+from portal.registry.models import Model, ModelVersion
+from portal.registry.uploads import upload_sha256
+
+if TYPE_CHECKING:
+    from django.contrib.auth.models import User
+
+    from portal.accounts.models import Team
+
+log = logging.getLogger(__name__)
+
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+SUPPORTED_FORMATS = {SourceFormat.ONNX}
+
+
+def safe_file_name(name: str, *, default: str) -> str:
+    """A file name that cannot leave its folder: base name only, safe characters only."""
+    base = os.path.basename(name.replace("\\", "/")).strip()
+    cleaned = _SAFE_NAME.sub("_", base).strip("._")[:100]
+    return cleaned or default
+
+
+# ---------------------------------------------------------------- models
+
+
+def model_create(*, team: Team, name: str, description: str = "", user: User) -> Model:
+    """Create a model in ``team``; names are unique within a team."""
+    model = Model(team=team, name=name, description=description, created_by=user)
+    model.full_clean(exclude=["team", "created_by"], validate_unique=False)
+    try:
+        with transaction.atomic():
+            model.save()
+            event_record(team=team, actor=user, model=model, step="model", message="Model created")
+    except IntegrityError:
+        raise ValidationError(
+            {"name": f"A model named {name!r} already exists in this team."}, code="exists"
+        ) from None
+    return model
+
+
+def model_update(*, model: Model, description: str, user: User) -> Model:
+    """Change a model's description."""
+    model.description = description
+    model.full_clean(exclude=["team", "created_by"], validate_unique=False)
+    model.save(update_fields=["description", "updated_at"])
+    event_record(
+        team=model.team, actor=user, model=model, step="model", message="Description changed"
+    )
+    return model
+
+
+def model_delete(*, model: Model, user: User) -> None:
+    """Delete a model, its versions and their files; refused while anything is deployed."""
+    from portal.deployments.choices import DeploymentStatus
+
+    if model.deployments.exclude(status=DeploymentStatus.STOPPED).exists():
+        raise Conflict(
+            f"{model.name} still has deployments. Stop or delete them first.",
+            code="model_deployed",
+        )
+    folders = [version.storage_dir for version in model.versions.all()]
+    with transaction.atomic():
+        event_record(
+            team=model.team,
+            actor=user,
+            step="model",
+            level=EventLevel.WARNING,
+            message=f"Model {model.name} deleted with {len(folders)} version(s)",
+        )
+        model.delete()
+        transaction.on_commit(partial(_remove_folders, folders))
+
+
+def _remove_folders(folders: list[Path]) -> None:
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- upload
+
+
+def version_upload(
+    *,
+    model: Model,
+    file: UploadedFile,
+    user: User,
+    source_format: str = "",
+    sample: UploadedFile | None = None,
+) -> ModelVersion:
+    """Store an upload as the model's next version and queue its pipeline."""
+    from portal.registry.tasks import version_process as version_process_task
+
+    source_format = source_format or SourceFormat.ONNX
+    if source_format not in SUPPORTED_FORMATS:
+        raise ValidationError(
+            {"format": f"Format {source_format!r} is not supported yet: export the model to ONNX."},
+            code="unsupported_format",
+        )
+    if file.size == 0:
+        raise ValidationError(
+            {"file": "The file is empty (0 bytes). Upload the model file your exporter wrote."},
+            code="empty_file",
+        )
+    file_name = safe_file_name(file.name or "", default="model.onnx")
+    sample_name = safe_file_name(sample.name or "", default="sample.json") if sample else ""
+    sha256 = upload_sha256(file)
+    with transaction.atomic():
+        locked = Model.objects.select_for_update().get(pk=model.pk)
+        number = (locked.versions.aggregate(top=Max("number"))["top"] or 0) + 1
+        version = ModelVersion.objects.create(
+            model=locked,
+            number=number,
+            source_format=source_format,
+            file_name=file_name,
+            size_bytes=file.size or 0,
+            sha256=sha256,
+            sample_file_name=sample_name,
+            created_by=user,
+            progress=5,
+        )
+        try:
+            _store(file, version.upload_path)
+            if sample is not None and version.sample_path is not None:
+                _store(sample, version.sample_path)
+            event_record(
+                team=model.team,
+                actor=user,
+                version=version,
+                step="upload",
+                message=f"Uploaded {file_name} ({_size(version.size_bytes)}, "
+                f"sha256 {sha256[:12]}…)",
+                data={"sha256": sha256, "size_bytes": version.size_bytes},
+            )
+        except BaseException:
+            shutil.rmtree(version.storage_dir, ignore_errors=True)
+            raise
+        transaction.on_commit(partial(version_process_task.delay, version.pk))
+    return version
+
+
+def _store(uploaded: UploadedFile, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(uploaded, TemporaryUploadedFile):
+        uploaded.flush()
+        os.replace(uploaded.temporary_file_path(), target)
+        return
+    with target.open("wb") as out:
+        for chunk in uploaded.chunks():
+            out.write(chunk)
+
+
+def _size(num_bytes: int) -> str:
+    value = float(num_bytes)
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{num_bytes} bytes"
+
+
+# ---------------------------------------------------------------- pipeline
+
+
+def version_claim(*, version_id: int) -> ModelVersion | None:
+    """Take a version for processing, counting the attempt; None if nothing is to do."""
+    claimable = [VersionStatus.UPLOADED, *WORKING_VERSION_STATUSES]
+    claimed = ModelVersion.objects.filter(
+        pk=version_id,
+        status__in=claimable,
+        attempts__lt=settings.MODELPORT_TASK_MAX_ATTEMPTS,
+    ).update(
+        attempts=F("attempts") + 1,
+        started_at=Coalesce(F("started_at"), Now()),
+        updated_at=Now(),
+    )
+    if claimed:
+        return ModelVersion.objects.select_related("model__team").get(pk=version_id)
+    leftover = ModelVersion.objects.filter(pk=version_id).exclude(status__in=FINAL_VERSION_STATUSES)
+    for version in leftover.select_related("model__team"):
+        version_give_up(version=version, reason="it kept failing")
+    return None
+
+
+def version_process(*, version_id: int) -> None:
+    """Run the pipeline of one version, doing only the steps not done yet.
+
+    Raises ``TrackingError`` for MLflow outages (the task retries); every other
+    failure ends the version as ``failed`` with a message that names the cause.
+    """
+    version = version_claim(version_id=version_id)
+    if version is None:
+        return
+    try:
+        if not version.signature or not version.served_file:
+            _validate(version)
+        if not version.mlflow_version:
+            _register(version)
+    except TrackingError:
+        raise
+    except DeployerError as exc:
+        _fail(version, code=exc.code, message=exc.message)
+        return
+    except Exception as exc:
+        log.exception("version %s failed unexpectedly", version.pk)
+        _fail(
+            version,
+            code="internal_error",
+            message=f"An unexpected error stopped the pipeline: {exc}. Upload again; if it "
+            "happens again, report it with this message.",
+        )
+        return
+    version.mark_ready()
+    event_record(
+        team=version.model.team,
+        version=version,
+        step="ready",
+        level=EventLevel.SUCCESS,
+        message=f"Version {version.number} is ready to deploy",
+    )
+
+
+def _validate(version: ModelVersion) -> None:
+    version.advance(status=VersionStatus.VALIDATING, step="validate", progress=15)
+    timer = StepTimer()
+    report = validate_onnx(
+        ValidationRequest(
+            model_path=version.upload_path,
+            work_dir=version.storage_dir / "work",
+            sample_path=version.sample_path,
+            limits=engine.validation_limits(),
+        )
+    )
+    shutil.move(report.known_answer_path, version.known_answer_path)
+    version.signature = report.signature.to_dict()
+    version.report = {"validation": report.details}
+    version.served_file = str(version.upload_path.relative_to(version.storage_dir))
+    version.progress = 60
+    version.save(update_fields=["signature", "report", "served_file", "progress", "updated_at"])
+    shutil.rmtree(version.storage_dir / "work", ignore_errors=True)
+    inputs = ", ".join(_tensor_text(t) for t in report.signature.to_dict()["inputs"])
+    event_record(
+        team=version.model.team,
+        version=version,
+        step="validate",
+        message=f"Valid ONNX model; inputs {inputs}; known answer recorded",
+        duration_ms=timer.ms,
+        data={"timings": report.details.get("timings", {})},
+    )
+
+
+def _tensor_text(tensor: dict[str, Any]) -> str:
+    dims = ",".join("?" if d < 0 else str(d) for d in tensor["shape"])
+    return f"{tensor['name']} {tensor['datatype']}[{dims}]"
+
+
+def _register(version: ModelVersion) -> None:
+    version.advance(status=VersionStatus.REGISTERING, step="register", progress=70)
+    timer = StepTimer()
+    model = version.model
+    validation = version.report.get("validation", {})
+    served = version.served_model_path
+    assert served is not None
+    result = track_version(
+        TrackingRequest(
+            target=engine.tracking_target(),
+            registered_model=model.mlflow_name,
+            version_uid=str(version.uid),
+            run_name=f"{model.name} v{version.number}",
+            model_path=served,
+            description=f"ModelPort {model.team.slug}/{model.name} version {version.number}",
+            params={
+                "source_format": version.source_format,
+                "file_name": version.file_name,
+                "sha256": version.sha256,
+                "onnx_ir_version": str(validation.get("ir_version", "")),
+                "opsets": ",".join(f"{k}={v}" for k, v in validation.get("opsets", {}).items()),
+                "onnxruntime_version": str(validation.get("onnxruntime_version", "")),
+                "sample_source": str(validation.get("sample_source", "")),
+            },
+            metrics={
+                "size_bytes": float(version.size_bytes),
+                "parameter_count": float(validation.get("parameter_count", 0)),
+                **{f"validation_{k}": float(v) for k, v in validation.get("timings", {}).items()},
+            },
+            tags={
+                "modelport_team": model.team.slug,
+                "modelport_model": model.name,
+                "modelport_version": str(version.number),
+                "modelport_sha256": version.sha256,
+            },
+            documents={"report.json": version.report, "signature.json": version.signature},
+            artifacts=(version.known_answer_path,),
+        )
+    )
+    version.mlflow_run_id = result.run_id
+    version.mlflow_version = result.registry_version
+    version.report = {**version.report, "mlflow": {"experiment_id": result.experiment_id}}
+    version.progress = 95
+    version.save(
+        update_fields=["mlflow_run_id", "mlflow_version", "report", "progress", "updated_at"]
+    )
+    event_record(
+        team=model.team,
+        version=version,
+        step="register",
+        message=f"Recorded in MLflow as {model.mlflow_name} version {result.registry_version}",
+        duration_ms=timer.ms,
+        data={"run_id": result.run_id},
+    )
+
+
+def _fail(version: ModelVersion, *, code: str, message: str) -> None:
+    step = version.step or "pipeline"
+    version.mark_failed(code=code, message=message)
+    event_record(
+        team=version.model.team,
+        version=version,
+        step=step,
+        level=EventLevel.ERROR,
+        message=message,
+        data={"code": code},
+    )
+
+
+def version_give_up(*, version: ModelVersion, reason: str) -> None:
+    """End a version that cannot finish, with a message that says what happened."""
+    if version.status in FINAL_VERSION_STATUSES:
+        return
+    if version.status == VersionStatus.REGISTERING:
+        message = (
+            f"MLflow could not record this version after {version.attempts} attempts ({reason}). "
+            "Check the MLflow server and upload the file again."
+        )
+        code = "tracking_failed"
+    else:
+        message = (
+            f"Processing stopped after {version.attempts} attempts ({reason}). Upload the file "
+            "again; if it fails the same way, the model is probably too large for the limits."
+        )
+        code = "gave_up"
+    _fail(version, code=code, message=message)
+
+
+def versions_reconcile() -> dict[str, int]:
+    """Hand lost or stuck versions back to a worker, or end them when out of attempts."""
+    from portal.registry.tasks import version_process as version_process_task
+
+    now = timezone.now()
+    stale = now - timedelta(seconds=settings.MODELPORT_STALE_AFTER_S)
+    lost = now - timedelta(seconds=60)
+    stuck = ModelVersion.objects.filter(
+        Q(status=VersionStatus.UPLOADED, updated_at__lt=lost)
+        | Q(status__in=WORKING_VERSION_STATUSES, updated_at__lt=stale)
+    ).select_related("model__team")
+    counts = {"requeued": 0, "failed": 0}
+    for version in stuck:
+        if version.attempts >= settings.MODELPORT_TASK_MAX_ATTEMPTS:
+            version_give_up(version=version, reason="no worker finished it")
+            counts["failed"] += 1
+        else:
+            ModelVersion.objects.filter(pk=version.pk).update(updated_at=now)
+            version_process_task.delay(version.pk)
+            counts["requeued"] += 1
+    return counts

@@ -1,0 +1,260 @@
+"""Run the whole portal on one machine: web, workers, beat and an MLflow server.
+
+``python -m portal.stack`` (what ``make run`` calls) prepares the database, creates
+the first administrator, starts every process, prefixes their output with their
+name, and on Ctrl-C (or SIGTERM) stops them all, serving instances included. If
+one of them dies, the others are stopped too, so nothing is left half-running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+BIN = Path(PYTHON).parent
+
+
+@dataclass
+class Service:
+    """One process of the stack."""
+
+    name: str
+    command: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+
+
+def _pump(name: str, stream: IO[bytes]) -> None:
+    for raw in iter(stream.readline, b""):
+        line = raw.decode("utf-8", "replace").rstrip()
+        sys.stdout.write(f"{name:>9} | {line}\n")
+        sys.stdout.flush()
+
+
+def _manage(*args: str, env: dict[str, str]) -> None:
+    subprocess.run([PYTHON, str(ROOT / "manage.py"), *args], cwd=ROOT, env=env, check=True)
+
+
+def _wait_http(url: str, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - local URL
+                if response.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def _services(
+    env: dict[str, str], data_dir: Path, bind: str, mlflow_port: int | None
+) -> list[Service]:
+    services: list[Service] = []
+    if mlflow_port is not None:
+        mlflow_dir = data_dir / "mlflow"
+        (mlflow_dir / "artifacts").mkdir(parents=True, exist_ok=True)
+        services.append(
+            Service(
+                "mlflow",
+                [
+                    str(BIN / "mlflow"),
+                    "server",
+                    "--backend-store-uri",
+                    f"sqlite:///{mlflow_dir / 'mlflow.db'}",
+                    "--artifacts-destination",
+                    str(mlflow_dir / "artifacts"),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(mlflow_port),
+                    "--workers",
+                    "1",
+                ],
+                # MLflow's own job runner (for its GenAI features) is not used by ModelPort.
+                env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            )
+        )
+    services += [
+        Service(
+            "web",
+            [
+                str(BIN / "gunicorn"),
+                "portal.wsgi:application",
+                "--bind",
+                bind,
+                "--workers",
+                env.get("MODELPORT_WEB_WORKERS", "2"),
+                "--threads",
+                "4",
+                "--timeout",
+                "900",
+                "--access-logfile",
+                "-",
+            ],
+        ),
+        Service(
+            "pipeline",
+            [
+                str(BIN / "celery"),
+                "-A",
+                "portal",
+                "worker",
+                "-Q",
+                "pipeline",
+                "-n",
+                "pipeline@%h",
+                "-c",
+                env.get("MODELPORT_PIPELINE_CONCURRENCY", "2"),
+                "--loglevel",
+                "INFO",
+            ],
+        ),
+        Service(
+            "deploy",
+            [
+                str(BIN / "celery"),
+                "-A",
+                "portal",
+                "worker",
+                "-Q",
+                "deploy",
+                "-n",
+                "deploy@%h",
+                "-c",
+                "2",
+                "--loglevel",
+                "INFO",
+                "-B",
+                "--schedule",
+                str(data_dir / "celerybeat-schedule"),
+            ],
+        ),
+    ]
+    return services
+
+
+def _stop_all(services: list[Service]) -> None:
+    """Ask each main process to shut down cleanly, then kill what is left of its group."""
+    running = [s.process for s in services if s.process is not None]
+    for process in running:
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    for process in running:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        # Children (pool workers, uvicorn) share the process group.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def _stop_serving_instances(env: dict[str, str]) -> int:
+    """Stop the local serving instances; reconcile restarts them on the next start."""
+    os.environ.update(env)
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
+    import django
+
+    django.setup()
+    from portal.core import engine
+
+    runtime = engine.runtime()
+    owned = runtime.owned()
+    for instance in owned:
+        runtime.stop(instance.handle, grace_s=5)
+    return len(owned)
+
+
+def main() -> int:
+    env = dict(os.environ)
+    env.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
+    env["PYTHONUNBUFFERED"] = "1"
+    data_dir = Path(env.get("MODELPORT_DATA_DIR", str(ROOT / "var"))).resolve()
+    env["MODELPORT_DATA_DIR"] = str(data_dir)
+    bind = env.get("MODELPORT_BIND", "127.0.0.1:8000")
+    mlflow_port: int | None = None
+    if not env.get("MLFLOW_TRACKING_URI"):
+        # No MLflow server configured: run one on the local store, and point everything at it.
+        mlflow_port = int(env.get("MODELPORT_MLFLOW_PORT", "5000"))
+        env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{mlflow_port}"
+        env.setdefault("MODELPORT_MLFLOW_UI_URL", env["MLFLOW_TRACKING_URI"])
+
+    print("Preparing the database and the first administrator…", flush=True)
+    _manage("migrate", "--no-input", "-v", "0", env=env)
+    _manage("collectstatic", "--no-input", "-v", "0", env=env)
+    _manage("bootstrap", env=env)
+
+    services = _services(env, data_dir, bind, mlflow_port)
+    stopping = threading.Event()
+
+    def request_stop(signum: int, _frame: object) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+
+    for service in services:
+        service.process = subprocess.Popen(
+            service.command,
+            cwd=ROOT,
+            env={**env, **service.env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        assert service.process.stdout is not None
+        threading.Thread(
+            target=_pump, args=(service.name, service.process.stdout), daemon=True
+        ).start()
+        if service.name == "mlflow" and not _wait_http(
+            f"{env['MLFLOW_TRACKING_URI']}/health", timeout_s=90
+        ):
+            print("The MLflow server did not come up; stopping.", flush=True)
+            _stop_all(services)
+            return 1
+
+    host, _, port = bind.rpartition(":")
+    print(
+        f"\nModelPort is starting at http://{host or '127.0.0.1'}:{port}/ "
+        f"(MLflow UI: {env.get('MODELPORT_MLFLOW_UI_URL', 'not started')}). "
+        "Press Ctrl-C to stop everything.\n",
+        flush=True,
+    )
+    exit_code = 0
+    while not stopping.is_set():
+        for service in services:
+            assert service.process is not None
+            if service.process.poll() is not None:
+                print(
+                    f"{service.name} exited with status {service.process.returncode}; "
+                    "stopping the others.",
+                    flush=True,
+                )
+                exit_code = 1
+                stopping.set()
+                break
+        stopping.wait(0.5)
+    print("\nStopping ModelPort…", flush=True)
+    _stop_all(services)
+    stopped = _stop_serving_instances(env)
+    if stopped:
+        print(f"Stopped {stopped} serving instance(s); they restart when ModelPort starts again.")
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""URL configuration: pages, the REST API under /api/v1/, its schema and docs, the admin."""
+
+from django.contrib import admin
+from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+
+from portal.deployments import api as deployments_api
+from portal.registry import api as registry_api
+
+api_v1 = [
+    path("models/", registry_api.ModelListView.as_view(), name="model-list"),
+    path("models/<slug:name>/", registry_api.ModelDetailView.as_view(), name="model-detail"),
+    path(
+        "models/<slug:name>/versions/",
+        registry_api.VersionListView.as_view(),
+        name="version-list",
+    ),
+    path(
+        "models/<slug:name>/versions/<int:number>/",
+        registry_api.VersionDetailView.as_view(),
+        name="version-detail",
+    ),
+    path(
+        "models/<slug:name>/versions/<int:number>/deploy",
+        deployments_api.DeployView.as_view(),
+        name="version-deploy",
+    ),
+    path("deployments/", deployments_api.DeploymentListView.as_view(), name="deployment-list"),
+    path(
+        "deployments/<int:deployment_id>/",
+        deployments_api.DeploymentDetailView.as_view(),
+        name="deployment-detail",
+    ),
+    path(
+        "deployments/<int:deployment_id>/revisions/",
+        deployments_api.RevisionListView.as_view(),
+        name="revision-list",
+    ),
+    path(
+        "deployments/<int:deployment_id>/rollback",
+        deployments_api.RollbackView.as_view(),
+        name="deployment-rollback",
+    ),
+    path(
+        "deployments/<int:deployment_id>/logs",
+        deployments_api.DeploymentLogsView.as_view(),
+        name="deployment-logs",
+    ),
+]
+
+urlpatterns = [
+    path("api/v1/", include((api_v1, "api"), namespace="api")),
+    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
+    path("admin/", admin.site.urls),
+    path("accounts/", include("portal.accounts.urls")),
+    path("deployments/", include("portal.deployments.urls")),
+    path("", include("portal.registry.urls")),
+]
