@@ -29,7 +29,14 @@ from bench.serving.load import (
     v2_json_body,
 )
 from bench.serving.models import build_mlp, build_resnet50
-from bench.serving.servers import REPO, Server, start_mlflow, start_mlserver, start_modelport
+from bench.serving.servers import (
+    REPO,
+    Server,
+    start_mlflow,
+    start_mlserver,
+    start_modelport,
+    wait_idle,
+)
 
 MODELS = {
     "mlp": {"build": build_mlp, "input": "input", "output": "output", "shape": (1, 256)},
@@ -56,6 +63,26 @@ def in_process_rows_per_s(path: Path, shape: tuple[int, ...], batch: int, second
         session.run(None, {name: x})
         runs += 1
     return runs * batch / (time.perf_counter() - start)
+
+
+def measure_ceiling(
+    onnx_path: Path,
+    shape: tuple[int, ...],
+    batches: list[int],
+    servers: list[Server],
+    seconds: float,
+    samples: dict[int, list[float]],
+) -> None:
+    """In-process rows/s at each batch size, with every server idle; appended to samples.
+
+    Called once per repeat so the ceiling sees the same (shared, noisy) machine as the
+    runs around it; the report takes medians.
+    """
+    wait_idle(servers)
+    for batch in batches:
+        value = in_process_rows_per_s(onnx_path, shape, batch, seconds)
+        samples.setdefault(batch, []).append(value)
+        print(f"  in-process batch {batch:>3}: {fmt(value)} rows/s", flush=True)
 
 
 def reference_output(path: Path, input_name: str, x: np.ndarray) -> np.ndarray:
@@ -205,14 +232,11 @@ def main(argv: list[str] | None = None) -> int:
             f"\n=== {model_name}: in-process onnxruntime ceiling (default session options)",
             flush=True,
         )
-        ceiling = {}
-        for batch in sorted({1, *[c for c in concurrencies if c > 1]}):
-            if model_name == "cnn" and batch > 8:
-                continue
-            ceiling[batch] = in_process_rows_per_s(
-                onnx_path, spec["shape"], batch, max(2.0, args.duration / 2)
-            )
-            print(f"  batch {batch:>3}: {fmt(ceiling[batch])} rows/s", flush=True)
+        ceiling_batches = sorted({1, *[c for c in concurrencies if c > 1]})
+        if model_name == "cnn":
+            ceiling_batches = [b for b in ceiling_batches if b <= 8]
+        ceiling_samples: dict[int, list[float]] = {}
+        ceiling_s = max(2.0, args.duration / 2)
 
         servers: list[Server] = []
         try:
@@ -253,12 +277,16 @@ def main(argv: list[str] | None = None) -> int:
             batch_sizes: dict[tuple[str, int], list[float]] = {}
             rss: dict[str, float] = {s.name: s.rss_mb() for s in servers}
             for repeat in range(args.repeats):
+                measure_ceiling(
+                    onnx_path, spec["shape"], ceiling_batches, servers, ceiling_s, ceiling_samples
+                )
                 for protocol in protocols:
                     for concurrency in concurrencies:
                         order = servers[repeat % len(servers) :] + servers[: repeat % len(servers)]
                         for server in order:
                             if supported.get((server.name, protocol)):
                                 continue
+                            wait_idle(servers)
                             before = (
                                 modelport_batches(server) if server.name == "modelport" else None
                             )
@@ -281,19 +309,18 @@ def main(argv: list[str] | None = None) -> int:
                                 f"p99 {result.p99_ms:8.2f} ms  errors {result.errors}",
                                 flush=True,
                             )
+            # In-process ceiling at the batch sizes the batcher actually formed (CNN target),
+            # measured next to batch 1 again.
+            formed = sorted(
+                {max(1, round(statistics.median(sizes))) for sizes in batch_sizes.values()}
+            )
+            measure_ceiling(
+                onnx_path, spec["shape"], sorted({1, *formed}), servers, ceiling_s, ceiling_samples
+            )
         finally:
             for server in servers:
                 server.stop()
-
-        # In-process ceiling at the batch sizes the batcher actually formed (CNN target).
-        formed_ceiling: dict[int, float] = {}
-        for sizes in batch_sizes.values():
-            size = max(1, round(statistics.median(sizes)))
-            if size not in ceiling and size not in formed_ceiling:
-                formed_ceiling[size] = in_process_rows_per_s(
-                    onnx_path, spec["shape"], size, max(2.0, args.duration / 2)
-                )
-        all_ceiling = {**ceiling, **formed_ceiling}
+        all_ceiling = {b: statistics.median(v) for b, v in ceiling_samples.items()}
         model_report = print_report(
             model_name,
             samples,

@@ -61,6 +61,51 @@ class Server:
                 self.proc.wait()
 
 
+def _children() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(entry))
+        except OSError:
+            continue
+    return children
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """User + system CPU time of a process and all its descendants."""
+    children = _children()
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    stack = [root]
+    while stack:
+        pid = stack.pop()
+        try:
+            with open(f"/proc/{pid}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except OSError:
+            pass
+        stack.extend(children.get(pid, []))
+    return total / ticks
+
+
+def wait_idle(servers: list[Server], threshold: float = 0.05, timeout: float = 180.0) -> float:
+    """Wait until no server burns CPU (a peer may still be working off a closed run's
+    backlog, which would steal CPU from the next measurement); returns seconds waited."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        before = sum(tree_cpu_seconds(s.proc.pid) for s in servers)
+        time.sleep(0.5)
+        after = sum(tree_cpu_seconds(s.proc.pid) for s in servers)
+        if (after - before) / 0.5 < threshold:
+            break
+    return time.monotonic() - start
+
+
 def tree_rss_kb(root: int) -> int:
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
