@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from deployer.errors import DeployerError, InvalidModel, InvalidSample
+from deployer.errors import DeployerError, InvalidModel, InvalidSample, LimitExceeded
 from deployer.samples import generate_sample, load_sample, save_known_answer
 from deployer.sandbox import HANDLED_ERROR_EXIT, write_result
 from deployer.signature import ORT_TO_V2, Signature, TensorSpec, ort_dims
@@ -97,6 +97,13 @@ def inspect_model(model_path: Path, out_dir: Path, sample_path: Path | None) -> 
     try:
         values = session.run(None, inputs)
     except Exception as exc:  # onnxruntime's errors carry the operator that failed
+        if _allocation_failure(exc):
+            raise LimitExceeded(
+                "The model tried to allocate more memory than its limit allows while running "
+                f"({_first_line(exc)}). Raise MODELPORT_VALIDATION_MEMORY_MB if it really "
+                "needs that much.",
+                code="out_of_memory",
+            ) from exc
         if source == "uploaded":
             raise InvalidSample(
                 f"The model failed on the uploaded sample input: {_first_line(exc)}"
@@ -170,6 +177,13 @@ def _numel(tensor: Any) -> int:
     for dim in tensor.dims:
         count *= int(dim)
     return count
+
+
+def _allocation_failure(exc: BaseException) -> bool:
+    text = str(exc)
+    return isinstance(exc, MemoryError) or any(
+        marker in text for marker in ("bad_alloc", "Failed to allocate", "out of memory")
+    )
 
 
 def _first_line(exc: BaseException) -> str:

@@ -193,13 +193,14 @@ CELERY_BROKER_URL = env_optional("CELERY_BROKER_URL") or "filesystem://"
 CELERY_EMBEDDED_BROKER = CELERY_BROKER_URL == "filesystem://"
 if CELERY_EMBEDDED_BROKER:
     _broker_dir = DATA_DIR / "broker"
-    for _sub in ("queue", "processed"):
+    for _sub in ("queue", "processed", "control"):
         (_broker_dir / _sub).mkdir(parents=True, exist_ok=True)
     CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, object] = {
         "data_folder_in": str(_broker_dir / "queue"),
         "data_folder_out": str(_broker_dir / "queue"),
         "processed_folder": str(_broker_dir / "processed"),
         "store_processed": False,
+        "control_folder": str(_broker_dir / "control"),
     }
 else:
     # Longer than the longest task, so Redis does not hand a running task to a second worker.

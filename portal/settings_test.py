@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from pathlib import Path
 
 os.environ.setdefault(
     "MODELPORT_DATA_DIR", os.path.join(tempfile.gettempdir(), f"modelport-test-{os.getpid()}")
@@ -22,3 +23,4 @@ STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
 }
+Path(STATIC_ROOT).mkdir(parents=True, exist_ok=True)  # noqa: F405

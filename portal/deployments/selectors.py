@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from django.db.models import QuerySet
-from django.shortcuts import get_object_or_404
+from django.http import Http404
 
 from portal.accounts.models import Team
 from portal.deployments.models import Deployment, Revision
@@ -21,11 +21,14 @@ def deployment_list(*, team: Team, model: Model | None = None) -> QuerySet[Deplo
 
 def deployment_get(*, team: Team, deployment_id: int) -> Deployment:
     """The team's deployment with this id, or 404 (also for other teams' deployments)."""
-    return get_object_or_404(
-        Deployment.objects.select_related("model__team", "current_revision__version"),
-        pk=deployment_id,
-        model__team=team,
+    deployment = (
+        Deployment.objects.select_related("model__team", "current_revision__version")
+        .filter(pk=deployment_id, model__team=team)
+        .first()
     )
+    if deployment is None:
+        raise Http404(f"No deployment {deployment_id} in team {team.slug}.")
+    return deployment
 
 
 def revision_list(*, deployment: Deployment) -> QuerySet[Revision]:

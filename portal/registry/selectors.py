@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from django.db.models import Count, OuterRef, Q, QuerySet, Subquery
-from django.shortcuts import get_object_or_404
+from django.http import Http404
 
 from portal.accounts.models import Team
 from portal.registry.models import Model, ModelVersion
@@ -24,7 +24,10 @@ def model_list(*, team: Team, search: str = "") -> QuerySet[Model]:
 
 def model_get(*, team: Team, name: str) -> Model:
     """The team's model called ``name``, or 404."""
-    return get_object_or_404(Model.objects.select_related("team"), team=team, name=name)
+    model = Model.objects.select_related("team").filter(team=team, name=name).first()
+    if model is None:
+        raise Http404(f"No model named {name!r} in team {team.slug}.")
+    return model
 
 
 def version_list(*, model: Model) -> QuerySet[ModelVersion]:
@@ -33,6 +36,11 @@ def version_list(*, model: Model) -> QuerySet[ModelVersion]:
 
 def version_get(*, model: Model, number: int) -> ModelVersion:
     """The model's version ``number``, or 404."""
-    return get_object_or_404(
-        ModelVersion.objects.select_related("model__team", "created_by"), model=model, number=number
+    version = (
+        ModelVersion.objects.select_related("model__team", "created_by")
+        .filter(model=model, number=number)
+        .first()
     )
+    if version is None:
+        raise Http404(f"{model.name} has no version {number}.")
+    return version

@@ -129,11 +129,6 @@ def version_upload(
             {"format": f"Format {source_format!r} is not supported yet: export the model to ONNX."},
             code="unsupported_format",
         )
-    if file.size == 0:
-        raise ValidationError(
-            {"file": "The file is empty (0 bytes). Upload the model file your exporter wrote."},
-            code="empty_file",
-        )
     file_name = safe_file_name(file.name or "", default="model.onnx")
     sample_name = safe_file_name(sample.name or "", default="sample.json") if sample else ""
     sha256 = upload_sha256(file)
@@ -255,21 +250,24 @@ def version_process(*, version_id: int) -> None:
 def _validate(version: ModelVersion) -> None:
     version.advance(status=VersionStatus.VALIDATING, step="validate", progress=15)
     timer = StepTimer()
-    report = validate_onnx(
-        ValidationRequest(
-            model_path=version.upload_path,
-            work_dir=version.storage_dir / "work",
-            sample_path=version.sample_path,
-            limits=engine.validation_limits(),
+    work_dir = version.storage_dir / "work"
+    try:
+        report = validate_onnx(
+            ValidationRequest(
+                model_path=version.upload_path,
+                work_dir=work_dir,
+                sample_path=version.sample_path,
+                limits=engine.validation_limits(),
+            )
         )
-    )
-    shutil.move(report.known_answer_path, version.known_answer_path)
+        shutil.move(report.known_answer_path, version.known_answer_path)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
     version.signature = report.signature.to_dict()
     version.report = {"validation": report.details}
     version.served_file = str(version.upload_path.relative_to(version.storage_dir))
     version.progress = 60
     version.save(update_fields=["signature", "report", "served_file", "progress", "updated_at"])
-    shutil.rmtree(version.storage_dir / "work", ignore_errors=True)
     inputs = ", ".join(_tensor_text(t) for t in report.signature.to_dict()["inputs"])
     event_record(
         team=version.model.team,

@@ -77,7 +77,22 @@ def _use_private_pool(path: Path) -> None:
 
 
 def _fresh(path: Path) -> bool:
-    return path.exists() and path.stat().st_mtime >= PROTO.stat().st_mtime
+    """Newer than the .proto, and made by a protoc no newer than the protobuf runtime
+    installed now (protobuf refuses gencode newer than its runtime)."""
+    if not path.exists() or path.stat().st_mtime < PROTO.stat().st_mtime:
+        return False
+    from google.protobuf import __version__ as runtime
+
+    marker = "# Protobuf Python Version: "
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            if line.startswith(marker):
+                return _version(line[len(marker) :]) <= _version(runtime)
+    return True
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.strip().split(".")[:3] if part.isdigit())
 
 
 def load() -> ModuleType:

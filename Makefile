@@ -1,0 +1,54 @@
+# ModelPort: `make run` starts the portal, `make test` runs every check.
+# Both set up everything they need on a fresh machine (a virtualenv under .venv).
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip
+# Reinstall only when pyproject.toml changes.
+HASH   := $(shell sha256sum pyproject.toml | cut -c1-12)
+
+# Services for the tests (started by tests/ensure_services.sh when missing).
+export DATABASE_URL      ?= postgres://modelport:modelport@127.0.0.1:5432/modelport
+export CELERY_BROKER_URL ?= redis://127.0.0.1:6379/15
+
+.PHONY: run test install install-dev services lint typecheck pytest clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+
+$(VENV)/.run-$(HASH): $(BIN)/python
+	$(PIP) install -q -e .
+	@rm -f $(VENV)/.run-* && touch $@
+
+$(VENV)/.dev-$(HASH): $(BIN)/python
+	$(PIP) install -q -e '.[dev]'
+	@rm -f $(VENV)/.dev-* && touch $@
+
+install: $(VENV)/.run-$(HASH)
+install-dev: $(VENV)/.dev-$(HASH)
+
+## run: install, migrate, create the admin, start web + workers + MLflow (Ctrl-C stops all)
+run: install
+	@unset DATABASE_URL CELERY_BROKER_URL; $(BIN)/python -m portal.stack
+
+## test: services, lint, types, the whole test suite
+test: install-dev services lint typecheck pytest
+
+services:
+	bash tests/ensure_services.sh
+
+lint:
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck:
+	$(BIN)/mypy deployer portal
+	DJANGO_SETTINGS_MODULE=portal.settings_test $(BIN)/python manage.py makemigrations --check --dry-run
+
+pytest:
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,284 @@
+"""``modelport``: push, deploy, inspect and roll back models from a CI pipeline.
+
+It talks only to the REST API. Server and token come from ``--url``/``--token`` or
+``MODELPORT_URL``/``MODELPORT_TOKEN``. Exit codes are stable, for pipelines:
+
+    0  success
+    1  the work failed (a version failed its pipeline, a rollout did not go live)
+    2  wrong usage
+    3  not signed in or not allowed (401/403)
+    4  not found (404)
+    5  request refused (400, 409, 413, 422: the message says why)
+    6  server error or server unreachable
+    7  timed out waiting
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from deployer.client import Client, ClientError, WaitTimeout
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_AUTH, EXIT_NOT_FOUND, EXIT_REFUSED = 0, 1, 2, 3, 4, 5
+EXIT_SERVER, EXIT_TIMEOUT = 6, 7
+
+
+class Output:
+    """Human lines on stderr as work proceeds; one result on stdout (JSON with --json)."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+
+    def progress(self, message: str) -> None:
+        if not self.as_json:
+            print(message, file=sys.stderr, flush=True)
+
+    def result(self, document: dict[str, Any], summary: str) -> None:
+        if self.as_json:
+            print(json.dumps(document, indent=2, sort_keys=True))
+        else:
+            print(summary)
+
+
+def _exit_code(error: ClientError) -> int:
+    if isinstance(error, WaitTimeout):
+        return EXIT_TIMEOUT
+    if error.status in (401, 403):
+        return EXIT_AUTH
+    if error.status == 404:
+        return EXIT_NOT_FOUND
+    if 400 <= error.status < 500:
+        return EXIT_REFUSED
+    return EXIT_SERVER
+
+
+def _deploy_and_wait(
+    client: Client, out: Output, *, model: str, number: int, deployment: str, device: str,
+    wait: bool, timeout: float,
+) -> tuple[int, dict[str, Any]]:  # fmt: skip
+    accepted = client.deploy(model, number, deployment=deployment, device=device)
+    dep, revision = accepted["deployment"], accepted["revision"]
+    out.progress(f"Deploying {model} v{number} to {deployment} (revision {revision['id']})…")
+    if not wait:
+        return EXIT_OK, accepted
+    return _finish_rollout(client, out, dep["id"], revision["id"], timeout)
+
+
+def _finish_rollout(
+    client: Client, out: Output, deployment_id: int, revision_id: int, timeout: float
+) -> tuple[int, dict[str, Any]]:
+    revision = client.wait_revision(deployment_id, revision_id, timeout_s=timeout)
+    deployment = client.deployment(deployment_id)
+    document = {"deployment": deployment, "revision": revision}
+    if revision["status"] != "live":
+        out.progress(f"Rollout failed: {revision['error'] or deployment['error']}")
+        return EXIT_FAILED, document
+    out.progress(f"Live at {deployment['endpoint_url']}")
+    return EXIT_OK, document
+
+
+def cmd_push(client: Client, args: argparse.Namespace, out: Output) -> int:
+    path = Path(args.file)
+    if not path.is_file():
+        print(f"modelport: {path} is not a file", file=sys.stderr)
+        return EXIT_USAGE
+    client.model_ensure(args.model, args.description or "")
+    out.progress(f"Uploading {path.name} to {args.model}…")
+    version = client.upload(
+        args.model,
+        path,
+        source_format=args.format or "",
+        sample=Path(args.sample) if args.sample else None,
+    )
+    number = int(version["number"])
+    out.progress(f"Uploaded as {args.model} v{number}; status {version['status']}")
+    document: dict[str, Any] = {"version": version}
+    if not (args.wait or args.deploy):
+        out.result(document, f"{args.model} v{number} {version['status']}")
+        return EXIT_OK
+    version = client.wait_version(args.model, number, timeout_s=args.timeout)
+    document["version"] = version
+    if version["status"] != "ready":
+        out.progress(f"v{number} failed at {version['step'] or 'its pipeline'}: {version['error']}")
+        out.result(document, f"{args.model} v{number} failed: {version['error']}")
+        return EXIT_FAILED
+    out.progress(f"v{number} is ready")
+    if not args.deploy:
+        out.result(document, f"{args.model} v{number} ready")
+        return EXIT_OK
+    code, rollout = _deploy_and_wait(
+        client, out, model=args.model, number=number, deployment=args.deploy,
+        device=args.device, wait=True, timeout=args.timeout,
+    )  # fmt: skip
+    document.update(rollout)
+    endpoint = rollout["deployment"].get("endpoint_url", "")
+    out.result(
+        document,
+        f"{args.model} v{number} live on {args.deploy}: {endpoint}"
+        if code == EXIT_OK
+        else f"{args.model} v{number} did not go live on {args.deploy}",
+    )
+    return code
+
+
+def cmd_deploy(client: Client, args: argparse.Namespace, out: Output) -> int:
+    code, document = _deploy_and_wait(
+        client, out, model=args.model, number=args.version, deployment=args.deployment,
+        device=args.device, wait=args.wait, timeout=args.timeout,
+    )  # fmt: skip
+    out.result(document, f"{args.model} v{args.version} → {args.deployment}: "
+               f"{document['revision']['status']}")  # fmt: skip
+    return code
+
+
+def cmd_status(client: Client, args: argparse.Namespace, out: Output) -> int:
+    if args.model and args.version:
+        version = client.version(args.model, args.version)
+        out.result(
+            {"version": version},
+            f"{args.model} v{version['number']}: {version['status']}"
+            + (f" ({version['error']})" if version["error"] else ""),
+        )
+        return EXIT_FAILED if version["status"] == "failed" else EXIT_OK
+    if args.model:
+        model = client.model(args.model)
+        versions = client.versions(args.model)
+        deployments = client.deployments(args.model)
+        lines = [f"{model['name']}: {len(versions)} version(s)"]
+        lines += [f"  v{v['number']}: {v['status']}" for v in versions[:10]]
+        lines += [
+            f"  {d['name']}: {d['status']} v{d['current_version']} {d['endpoint_url']}"
+            for d in deployments
+        ]
+        out.result(
+            {"model": model, "versions": versions, "deployments": deployments}, "\n".join(lines)
+        )
+        return EXIT_OK
+    deployments = client.deployments()
+    lines = [
+        f"{d['model']}/{d['name']}: {d['status']} v{d['current_version']} {d['endpoint_url']}"
+        for d in deployments
+    ] or ["No deployments."]
+    out.result({"deployments": deployments}, "\n".join(lines))
+    return EXIT_OK
+
+
+def cmd_rollback(client: Client, args: argparse.Namespace, out: Output) -> int:
+    deployment = client.deployment_find(args.model, args.deployment)
+    accepted = client.rollback(deployment["id"], args.to_version)
+    revision = accepted["revision"]
+    out.progress(f"Rolling {args.model}/{args.deployment} back to v{args.to_version}…")
+    if not args.wait:
+        out.result(accepted, f"Rollback to v{args.to_version} requested")
+        return EXIT_OK
+    code, document = _finish_rollout(client, out, deployment["id"], revision["id"], args.timeout)
+    out.result(
+        document,
+        f"{args.model}/{args.deployment} serves v{args.to_version}"
+        if code == EXIT_OK
+        else f"Rollback to v{args.to_version} failed",
+    )
+    return code
+
+
+def _common(*, suppress: bool) -> argparse.ArgumentParser:
+    """Options accepted before or after the command (``modelport --json push …`` or
+    ``modelport push … --json``); after the command they only override when given."""
+    common = argparse.ArgumentParser(add_help=False)
+
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if suppress else value
+
+    common.add_argument(
+        "--url", default=default(os.environ.get("MODELPORT_URL", "http://127.0.0.1:8000"))
+    )
+    common.add_argument("--token", default=default(os.environ.get("MODELPORT_TOKEN", "")))
+    common.add_argument(
+        "--json", action="store_true", default=default(False), help="Print the result as JSON."
+    )
+    common.add_argument(
+        "--timeout",
+        type=float,
+        default=default(900.0),
+        help="Seconds to wait for --wait (default 900).",
+    )
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="modelport",
+        description="Push, deploy and roll back models on a ModelPort server.",
+        epilog="Exit codes: 0 ok, 1 failed, 2 usage, 3 auth, 4 not found, 5 refused, "
+        "6 server error, 7 timeout.",
+        parents=[_common(suppress=False)],
+    )
+    sub = [_common(suppress=True)]
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    push = commands.add_parser("push", parents=sub, help="Upload a model file as a new version.")
+    push.add_argument("file")
+    push.add_argument("--model", required=True)
+    push.add_argument("--description", help="Description if the model is created.")
+    push.add_argument("--format", help="The file's format, if not detected.")
+    push.add_argument("--sample", help="A sample input (.npy, .npz or JSON).")
+    push.add_argument("--wait", action="store_true", help="Wait until the version is ready.")
+    push.add_argument("--deploy", metavar="NAME", help="Then deploy it (implies --wait).")
+    push.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    push.set_defaults(handler=cmd_push)
+
+    deploy = commands.add_parser("deploy", parents=sub, help="Deploy an existing version.")
+    deploy.add_argument("--model", required=True)
+    deploy.add_argument("--version", type=int, required=True)
+    deploy.add_argument("--deployment", default="production")
+    deploy.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    deploy.add_argument("--wait", action="store_true")
+    deploy.set_defaults(handler=cmd_deploy)
+
+    status = commands.add_parser(
+        "status", parents=sub, help="Show deployments, a model, or a version."
+    )
+    status.add_argument("--model")
+    status.add_argument("--version", type=int)
+    status.set_defaults(handler=cmd_status)
+
+    rollback = commands.add_parser(
+        "rollback", parents=sub, help="Return a deployment to an earlier version."
+    )
+    rollback.add_argument("--model", required=True)
+    rollback.add_argument("--deployment", default="production")
+    rollback.add_argument("--to-version", type=int, required=True)
+    rollback.add_argument("--wait", action="store_true")
+    rollback.set_defaults(handler=cmd_rollback)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    out = Output(args.json)
+    if not args.token:
+        print(
+            "modelport: no API token: pass --token or set MODELPORT_TOKEN "
+            "(create one on the API tokens page).",
+            file=sys.stderr,
+        )
+        return EXIT_AUTH
+    client = Client(url=args.url, token=args.token)
+    try:
+        code: int = args.handler(client, args, out)
+    except ClientError as error:
+        print(f"modelport: {error.detail}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"error": {"code": error.code, "detail": error.detail}}))
+        return _exit_code(error)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""A small client for ModelPort's REST API, used by the ``modelport`` command."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+
+FINAL_VERSION = {"ready", "failed"}
+FINAL_REVISION = {"live", "failed", "superseded", "stopped"}
+
+
+class ClientError(Exception):
+    """The API answered with an error (or could not be reached)."""
+
+    def __init__(self, detail: str, *, code: str = "error", status: int = 0) -> None:
+        super().__init__(detail)
+        self.detail, self.code, self.status = detail, code, status
+
+
+class WaitTimeout(ClientError):
+    """Something did not reach a final state in time."""
+
+
+@dataclass
+class Client:
+    """Talks to one ModelPort server with one API token."""
+
+    url: str
+    token: str
+    timeout_s: float = 60.0
+    poll_s: float = 1.0
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        headers = {"Authorization": f"Token {self.token}", "Accept": "application/json"}
+        try:
+            response = requests.request(
+                method,
+                f"{self.url.rstrip('/')}/api/v1/{path.lstrip('/')}",
+                headers=headers,
+                timeout=kwargs.pop("timeout", self.timeout_s),
+                **kwargs,
+            )
+        except requests.RequestException as exc:
+            raise ClientError(
+                f"Cannot reach ModelPort at {self.url}: {exc}", code="unreachable"
+            ) from exc
+        if response.status_code >= 400:
+            try:
+                body = response.json()
+            except ValueError:
+                body = {"detail": response.text[:300] or response.reason}
+            raise ClientError(
+                str(body.get("detail", body)),
+                code=str(body.get("code", "error")),
+                status=response.status_code,
+            )
+        return response.json() if response.content else None
+
+    # ------------------------------------------------------------ models and versions
+    def model(self, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._request("GET", f"models/{name}/")
+        return result
+
+    def model_ensure(self, name: str, description: str = "") -> dict[str, Any]:
+        """The model, created first if it does not exist."""
+        try:
+            return self.model(name)
+        except ClientError as exc:
+            if exc.status != 404:
+                raise
+        try:
+            created: dict[str, Any] = self._request(
+                "POST", "models/", json={"name": name, "description": description}
+            )
+        except ClientError as exc:
+            if exc.status == 400 and "already exists" in exc.detail:
+                return self.model(name)  # created by a concurrent push
+            raise
+        return created
+
+    def versions(self, model: str) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._request("GET", f"models/{model}/versions/")
+        return result
+
+    def version(self, model: str, number: int) -> dict[str, Any]:
+        result: dict[str, Any] = self._request("GET", f"models/{model}/versions/{number}/")
+        return result
+
+    def upload(
+        self, model: str, file: Path, *, source_format: str = "", sample: Path | None = None
+    ) -> dict[str, Any]:
+        data = {"format": source_format} if source_format else {}
+        with file.open("rb") as model_file:
+            files: dict[str, Any] = {"file": (file.name, model_file)}
+            if sample is not None:
+                files["sample_input"] = (sample.name, sample.open("rb"))
+            try:
+                result: dict[str, Any] = self._request(
+                    "POST",
+                    f"models/{model}/versions/",
+                    files=files,
+                    data=data,
+                    timeout=max(self.timeout_s, 3600),
+                )
+            finally:
+                if sample is not None:
+                    files["sample_input"][1].close()
+        return result
+
+    def wait_version(self, model: str, number: int, *, timeout_s: float) -> dict[str, Any]:
+        return _wait(
+            lambda: self.version(model, number),
+            lambda v: v["status"] in FINAL_VERSION,
+            timeout_s=timeout_s,
+            poll_s=self.poll_s,
+            what=f"{model} v{number}",
+        )
+
+    # ------------------------------------------------------------ deployments
+    def deploy(self, model: str, number: int, *, deployment: str, device: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._request(
+            "POST",
+            f"models/{model}/versions/{number}/deploy",
+            json={"deployment": deployment, "device": device},
+        )
+        return result
+
+    def deployments(self, model: str | None = None) -> list[dict[str, Any]]:
+        params = {"model": model} if model else {}
+        result: list[dict[str, Any]] = self._request("GET", "deployments/", params=params)
+        return result
+
+    def deployment(self, deployment_id: int) -> dict[str, Any]:
+        result: dict[str, Any] = self._request("GET", f"deployments/{deployment_id}/")
+        return result
+
+    def deployment_find(self, model: str, name: str) -> dict[str, Any]:
+        for item in self.deployments(model):
+            if item["name"] == name:
+                return item
+        raise ClientError(
+            f"{model} has no deployment named {name!r}.", code="not_found", status=404
+        )
+
+    def revisions(self, deployment_id: int) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._request(
+            "GET", f"deployments/{deployment_id}/revisions/"
+        )
+        return result
+
+    def rollback(self, deployment_id: int, version: int) -> dict[str, Any]:
+        result: dict[str, Any] = self._request(
+            "POST", f"deployments/{deployment_id}/rollback", json={"version": version}
+        )
+        return result
+
+    def wait_revision(
+        self, deployment_id: int, revision_id: int, *, timeout_s: float
+    ) -> dict[str, Any]:
+        def current() -> dict[str, Any]:
+            for revision in self.revisions(deployment_id):
+                if revision["id"] == revision_id:
+                    return revision
+            raise ClientError(f"Revision {revision_id} disappeared.", code="not_found")
+
+        return _wait(
+            current,
+            lambda r: r["status"] in FINAL_REVISION,
+            timeout_s=timeout_s,
+            poll_s=self.poll_s,
+            what=f"the rollout of revision {revision_id}",
+        )
+
+
+def _wait(
+    fetch: Callable[[], dict[str, Any]],
+    done: Callable[[dict[str, Any]], bool],
+    *,
+    timeout_s: float,
+    poll_s: float,
+    what: str,
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        current = fetch()
+        if done(current):
+            return current
+        if time.monotonic() > deadline:
+            raise WaitTimeout(
+                f"Gave up waiting for {what} after {timeout_s:.0f} s.", code="timeout"
+            )
+        time.sleep(poll_s)

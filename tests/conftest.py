@@ -1,0 +1,287 @@
+"""Shared fixtures: personas, API clients, real services (worker, broker, MLflow)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def require(service: str, available: bool, how: str = "") -> None:
+    """Skip without the service locally; in CI a missing service fails the test."""
+    if available:
+        return
+    message = f"{service} is not available{': ' + how if how else ''}"
+    if IN_CI:
+        pytest.fail(f"{message} (required in CI)")
+    pytest.skip(message)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_http(url: str, timeout_s: float = 60) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.3)
+    return False
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Remove the private data directory that portal.settings_test made for this run."""
+    data_dir = os.environ.get("MODELPORT_DATA_DIR", "")
+    if os.path.basename(data_dir).startswith("modelport-test-"):
+        _stop_local_instances(Path(data_dir))
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def _stop_local_instances(data_dir: Path) -> None:
+    from deployer.runtimes.local import LocalProcessRuntime
+
+    state = data_dir / "runtime" / "local"
+    if state.is_dir():
+        runtime = LocalProcessRuntime(state)
+        for instance in runtime.owned():
+            runtime.stop(instance.handle, grace_s=1)
+
+
+# ---------------------------------------------------------------- personas
+
+
+@dataclass
+class Persona:
+    user: Any
+    token: str
+
+    def client(self, team: str | None = None) -> Any:
+        from rest_framework.test import APIClient
+
+        client = APIClient()
+        client.credentials(HTTP_AUTHORIZATION=f"Token {self.token}")
+        return client
+
+
+@dataclass
+class Personas:
+    """alice is acme's admin, bob a member, vera a viewer; charlie is an outsider (globex)."""
+
+    acme: Any
+    globex: Any
+    alice: Persona
+    bob: Persona
+    vera: Persona
+    charlie: Persona
+
+
+@pytest.fixture
+def personas(db: None) -> Personas:
+    from django.contrib.auth.models import User
+
+    from portal.accounts.choices import Role
+    from portal.accounts.services import membership_set, team_create, token_create
+
+    acme = team_create(slug="acme", name="Acme")
+    globex = team_create(slug="globex", name="Globex")
+    people = {}
+    for name, team, role in [
+        ("alice", acme, Role.ADMIN),
+        ("bob", acme, Role.MEMBER),
+        ("vera", acme, Role.VIEWER),
+        ("charlie", globex, Role.ADMIN),
+    ]:
+        user = User.objects.create_user(name, password=f"{name}-password")
+        membership_set(team=team, user=user, role=role)
+        _, token = token_create(user=user, team=team, name=f"{name}-token")
+        people[name] = Persona(user=user, token=token)
+    return Personas(acme=acme, globex=globex, **people)
+
+
+# ---------------------------------------------------------------- model files
+
+
+@pytest.fixture
+def onnx_file(tmp_path: Path) -> Path:
+    from tests.onnx_models import linear_model
+
+    path = tmp_path / "linear.onnx"
+    linear_model(path)
+    return path
+
+
+@pytest.fixture
+def onnx_file_v2(tmp_path: Path) -> Path:
+    from tests.onnx_models import linear_model
+
+    path = tmp_path / "linear-v2.onnx"
+    linear_model(path, seed=7)
+    return path
+
+
+# ---------------------------------------------------------------- real services
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real ``mlflow server`` on a free port, as the run command starts it."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen(
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=(root / "server.log").open("wb"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        if not wait_http(f"{url}/health", timeout_s=120):
+            pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def _redis_available(url: str) -> bool:
+    if not url.startswith("redis://"):
+        return False
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(url, socket_timeout=2).ping())
+    except redis.RedisError:
+        return False
+
+
+@dataclass
+class Worker:
+    process: subprocess.Popen[bytes]
+    log: Path
+    env: dict[str, str]
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def celery_worker(
+    transactional_db: None, mlflow_server: str, settings: Any, tmp_path: Path
+) -> Iterator[Worker]:
+    """A real Celery worker process on the Redis broker and the PostgreSQL test database."""
+    from django.db import connection
+
+    broker = os.environ.get("CELERY_BROKER_URL", "")
+    require("Redis", _redis_available(broker), "set CELERY_BROKER_URL=redis://… (make test does)")
+    require(
+        "PostgreSQL",
+        connection.vendor == "postgresql",
+        "set DATABASE_URL=postgres://… (make test does)",
+    )
+    import redis
+
+    redis.Redis.from_url(broker).flushdb()
+    db = connection.settings_dict
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "portal.settings_test",
+        "DATABASE_URL": (
+            f"postgres://{db['USER']}:{db['PASSWORD']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
+        ),
+        "MODELPORT_DATA_DIR": str(settings.DATA_DIR),
+        "MLFLOW_TRACKING_URI": mlflow_server,
+        "PYTHONUNBUFFERED": "1",
+    }
+    settings.MLFLOW_TRACKING_URI = mlflow_server
+    log = tmp_path / "worker.log"
+    process = subprocess.Popen(
+        [
+            str(BIN / "celery"),
+            "-A",
+            "portal",
+            "worker",
+            "-Q",
+            "pipeline,deploy",
+            "-c",
+            "2",
+            "-n",
+            f"test-{os.getpid()}@%h",
+            "--loglevel",
+            "INFO",
+            "--without-mingle",
+            "--without-gossip",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 90
+    while " ready." not in log.read_text(errors="replace"):
+        if process.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"the Celery worker did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.3)
+    worker = Worker(process=process, log=log, env=env)
+    try:
+        yield worker
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        _stop_local_instances(Path(settings.DATA_DIR))
+
+
+def wait_for(
+    predicate: Any, *, timeout_s: float = 60, interval_s: float = 0.2, what: str = ""
+) -> Any:
+    """Poll ``predicate`` until it returns something truthy."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s} s waiting for {what or predicate}")
+        time.sleep(interval_s)
