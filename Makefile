@@ -8,9 +8,9 @@ PIP    := $(BIN)/python -m pip
 # Reinstall only when pyproject.toml changes.
 HASH   := $(shell sha256sum pyproject.toml | cut -c1-12)
 
-# Services for the tests (started by tests/ensure_services.sh when missing).
-export DATABASE_URL      ?= postgres://modelport:modelport@127.0.0.1:5432/modelport
-export CELERY_BROKER_URL ?= redis://127.0.0.1:6379/15
+# Services the tests use (started by tests/ensure_services.sh when missing).
+TEST_DATABASE_URL ?= postgres://modelport:modelport@127.0.0.1:5432/modelport
+TEST_BROKER_URL   ?= redis://127.0.0.1:6379/15
 
 .PHONY: run test install install-dev services lint typecheck pytest clean
 
@@ -31,7 +31,7 @@ install-dev: $(VENV)/.dev-$(HASH)
 
 ## run: install, migrate, create the admin, start web + workers + MLflow (Ctrl-C stops all)
 run: install
-	@unset DATABASE_URL CELERY_BROKER_URL; $(BIN)/python -m portal.stack
+	$(BIN)/python -m portal.stack
 
 ## test: services, lint, types, the whole test suite
 test: install-dev services lint typecheck pytest
@@ -48,7 +48,8 @@ typecheck:
 	DJANGO_SETTINGS_MODULE=portal.settings_test $(BIN)/python manage.py makemigrations --check --dry-run
 
 pytest:
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	DATABASE_URL=$(TEST_DATABASE_URL) CELERY_BROKER_URL=$(TEST_BROKER_URL) \
+		$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache

@@ -11,7 +11,6 @@ import secrets
 from pathlib import Path
 
 import dj_database_url
-from django.core.exceptions import ImproperlyConfigured
 
 from portal.env import (
     env_bool,
@@ -242,7 +241,8 @@ MLFLOW_UI_URL = (
 ).rstrip("/")
 
 # ---------------------------------------------------------------- Engine
-MODELPORT_RUNTIME = env_choice("MODELPORT_RUNTIME", "local", ("local", "docker"))
+# Where serving instances run: local processes (containers are the next runtime).
+MODELPORT_RUNTIME = env_choice("MODELPORT_RUNTIME", "local", ("local",))
 MODELPORT_SERVING_HOST = env_str("MODELPORT_SERVING_HOST", "127.0.0.1")
 MODELPORT_VALIDATION_MEMORY_MB = env_int("MODELPORT_VALIDATION_MEMORY_MB", 4096, minimum=64)
 MODELPORT_VALIDATION_TIMEOUT_S = env_int("MODELPORT_VALIDATION_TIMEOUT_S", 300, minimum=5)
@@ -250,16 +250,6 @@ MODELPORT_READY_TIMEOUT_S = env_int("MODELPORT_READY_TIMEOUT_S", 120, minimum=5)
 MODELPORT_TASK_MAX_ATTEMPTS = env_int("MODELPORT_TASK_MAX_ATTEMPTS", 3, minimum=1)
 # A row left in a working state this long without progress is handed back to a worker.
 MODELPORT_STALE_AFTER_S = env_int("MODELPORT_STALE_AFTER_S", 900, minimum=30)
-
-if (
-    MODELPORT_RUNTIME == "docker"
-    and not env_optional("DOCKER_HOST")
-    and not Path("/var/run/docker.sock").exists()
-):
-    raise ImproperlyConfigured(
-        "MODELPORT_RUNTIME=docker but no Docker engine is configured: set DOCKER_HOST "
-        "or mount /var/run/docker.sock into the deploying worker"
-    )
 
 LOGGING = {
     "version": 1,
