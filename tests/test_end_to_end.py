@@ -160,3 +160,4 @@ def test_cli_push_deploy_rollback(
     code, refused = run("rollback", "--model", "cli-model", "--to-version", "2")
     assert code == 3
     assert refused["error"]["code"] == "forbidden"
+    assert celery_worker.process.poll() is None, "the worker must survive bad uploads"
