@@ -95,6 +95,8 @@ class Revision(models.Model):
     # The runtime's own handle for what it started (process id, container id).
     handle = models.CharField(max_length=128, blank=True)
     internal_url = models.CharField(max_length=255, blank=True)
+    # Where the instance's Prometheus metrics are scraped (the monitoring app reads it).
+    metrics_url = models.CharField(max_length=255, blank=True)
     error = models.TextField(blank=True)
     attempts = models.PositiveSmallIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)

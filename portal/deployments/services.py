@@ -249,7 +249,8 @@ def revision_rollout(*, revision_id: int) -> None:
             )
         )
         revision.handle, revision.internal_url = launch.handle, launch.url
-        revision.save(update_fields=["handle", "internal_url", "updated_at"])
+        revision.metrics_url = launch.metrics_url
+        revision.save(update_fields=["handle", "internal_url", "metrics_url", "updated_at"])
         event_record(
             team=deployment.model.team,
             deployment=deployment,
