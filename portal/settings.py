@@ -63,6 +63,7 @@ INSTALLED_APPS = [
     "portal.accounts",
     "portal.registry",
     "portal.deployments",
+    "portal.monitoring",
 ]
 
 MIDDLEWARE = [
@@ -216,6 +217,7 @@ CELERY_TASK_ROUTES = {
     "portal.registry.tasks.*": {"queue": "pipeline"},
     "portal.deployments.tasks.*": {"queue": "deploy"},
     "portal.core.tasks.*": {"queue": "deploy"},
+    "portal.monitoring.tasks.*": {"queue": "deploy"},
 }
 CELERY_BEAT_SCHEDULE = {
     "reconcile": {
@@ -223,6 +225,11 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": env_float("MODELPORT_RECONCILE_SECONDS", 30.0),
     },
 }
+CELERY_BEAT_SCHEDULE["metrics"] = {
+    "task": "portal.monitoring.tasks.metrics_scrape",
+    "schedule": env_float("MODELPORT_METRICS_SECONDS", 10.0),
+}
+MODELPORT_METRICS_RETENTION_HOURS = env_int("MODELPORT_METRICS_RETENTION_HOURS", 24, minimum=1)
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 

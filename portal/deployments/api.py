@@ -10,7 +10,6 @@ from rest_framework.views import APIView
 
 from portal.accounts.access import api_access
 from portal.accounts.choices import Role
-from portal.core import engine
 from portal.deployments import selectors, services
 from portal.deployments.models import Deployment, Revision
 from portal.deployments.serializers import (
@@ -140,10 +139,5 @@ class DeploymentLogsView(APIView):
             tail = max(1, min(int(request.query_params.get("tail", 200)), 5000))
         except ValueError:
             tail = 200
-        revision = deployment.current_revision or deployment.revisions.exclude(handle="").first()
-        lines = (
-            engine.runtime().logs(revision.handle, tail=tail)
-            if revision and revision.handle
-            else ""
-        )
+        revision, lines = selectors.deployment_log_lines(deployment=deployment, tail=tail)
         return Response({"revision": revision.pk if revision else None, "lines": lines})

@@ -31,6 +31,16 @@ def deployment_get(*, team: Team, deployment_id: int) -> Deployment:
     return deployment
 
 
+def deployment_log_lines(*, deployment: Deployment, tail: int = 200) -> tuple[Revision | None, str]:
+    """The last lines written by the deployment's live instance (or its latest attempt)."""
+    from portal.core import engine
+
+    revision = deployment.current_revision or deployment.revisions.exclude(handle="").first()
+    if revision is None or not revision.handle:
+        return revision, ""
+    return revision, engine.runtime().logs(revision.handle, tail=tail)
+
+
 def revision_list(*, deployment: Deployment) -> QuerySet[Revision]:
     return deployment.revisions.select_related("version", "requested_by").order_by(
         "-created_at", "-id"

@@ -1,0 +1,28 @@
+"""Samples of each live instance's request counters, for the deployment page's charts."""
+
+from __future__ import annotations
+
+from django.db import models
+
+
+class MetricSample(models.Model):
+    """The runtime's counters at one moment (counters restart with each revision)."""
+
+    deployment = models.ForeignKey(
+        "deployments.Deployment", on_delete=models.CASCADE, related_name="metric_samples"
+    )
+    revision = models.ForeignKey(
+        "deployments.Revision", on_delete=models.CASCADE, related_name="metric_samples"
+    )
+    taken_at = models.DateTimeField(db_index=True)
+    success = models.FloatField()
+    failure = models.FloatField()
+    # Cumulative latency histogram: [[upper bound in seconds, count], ...].
+    latency_buckets = models.JSONField(default=list)
+
+    class Meta:
+        ordering = ["taken_at"]
+        indexes = [models.Index(fields=["deployment", "taken_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.deployment_id} @ {self.taken_at:%H:%M:%S}"
