@@ -1,10 +1,10 @@
-"""Pages for deployments: status, endpoint, snippets, revisions, rollback and stop."""
+"""Pages for deployments: status, endpoint, snippets, try-it, logs, metrics, revisions."""
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
-from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse
@@ -13,11 +13,17 @@ from django.views.decorators.http import require_POST
 from rest_framework.exceptions import APIException
 
 from portal.accounts.access import page_access
-from portal.core.htmx import render_page_or_fragment
 from portal.core.models import Event
 from portal.deployments import selectors, services
+from portal.deployments.choices import DeploymentStatus
+from portal.deployments.models import Deployment
+from portal.deployments.tryit import input_fields, try_inference
+from portal.monitoring.charts import chart
+from portal.monitoring.selectors import deployment_series
 from portal.registry import selectors as registry_selectors
 from portal.registry.models import ModelVersion
+
+LOG_LINES = 200
 
 
 @login_required
@@ -27,31 +33,98 @@ def deployment_list(request: HttpRequest) -> HttpResponse:
     return render(request, "deployments/list.html", {"deployments": deployments})
 
 
-def curl_example(deployment_url: str, version: ModelVersion | None) -> str:
-    """A curl command that calls the endpoint with a request shaped like the model's input."""
-    inputs = []
+def _example_tensors(version: ModelVersion | None) -> list[dict[str, Any]]:
+    tensors = []
     for spec in version.signature.get("inputs", []) if version else []:
         shape = [1 if d < 0 else d for d in spec["shape"]]
         count = 1
         for dim in shape:
             count *= dim
         value: object = "text" if spec["datatype"] == "BYTES" else 0
-        data = [value] * min(count, 8) + (["..."] if count > 8 else [])
-        inputs.append(
-            {"name": spec["name"], "shape": shape, "datatype": spec["datatype"], "data": data}
-        )
-    body = json.dumps({"inputs": inputs})
-    return (
-        f"curl -s -X POST {deployment_url}/infer \\\n"
-        f"  -H 'Content-Type: application/json' \\\n"
-        f"  -d '{body}'"
+        tensors.append(
+            {
+                "name": spec["name"],
+                "shape": shape,
+                "datatype": spec["datatype"],
+                "data": [value] * min(count, 8) + (["..."] if count > 8 else []),
+                "numpy_dtype": {"FP32": "np.float32", "FP64": "np.float64", "FP16": "np.float16",
+                                "INT64": "np.int64", "INT32": "np.int32", "BOOL": "np.bool_",
+                                "BYTES": "np.object_"}.get(spec["datatype"], "np.float32"),
+            }
+        )  # fmt: skip
+    return tensors
+
+
+def snippets(deployment: Deployment, version: ModelVersion | None) -> dict[str, str]:
+    """Copyable curl, tritonclient and modelport snippets filled in for this deployment."""
+    url = deployment.endpoint_url
+    name = deployment.model.name
+    base = url.rsplit("/v2/models/", 1)[0]
+    host = base.split("://", 1)[-1]
+    tensors = _example_tensors(version)
+    body = json.dumps(
+        {"inputs": [{k: t[k] for k in ("name", "shape", "datatype", "data")} for t in tensors]}
     )
+    curl = (
+        f"curl -s -X POST {url}/infer \\\n  -H 'Content-Type: application/json' \\\n  -d '{body}'"
+    )
+    lines = [
+        "import numpy as np",
+        "import tritonclient.http as httpclient",
+        "",
+        f'client = httpclient.InferenceServerClient("{host}")',
+        "inputs = []",
+    ]
+    for tensor in tensors:
+        shape = tuple(tensor["shape"])
+        lines += [
+            f"x = np.zeros({shape!r}, dtype={tensor['numpy_dtype']})",
+            f'tensor = httpclient.InferInput("{tensor["name"]}", list(x.shape), '
+            f'"{tensor["datatype"]}")',
+            "tensor.set_data_from_numpy(x)",
+            "inputs.append(tensor)",
+        ]
+    lines.append(f'result = client.infer("{name}", inputs)')
+    for spec in version.signature.get("outputs", []) if version else []:
+        lines.append(f'print(result.as_numpy("{spec["name"]}"))')
+    modelport = (
+        "export MODELPORT_URL=… MODELPORT_TOKEN=…   # API tokens page\n"
+        f"modelport push model.onnx --model {name} --deploy {deployment.name}\n"
+        f"modelport status --model {name}\n"
+        f"modelport rollback --model {name} --deployment {deployment.name} --to-version N --wait"
+    )
+    return {"curl": curl, "tritonclient": "\n".join(lines), "modelport": modelport}
+
+
+def _charts(deployment: Deployment) -> list[Any]:
+    points = deployment_series(deployment=deployment)
+    return [
+        chart(points, "Requests", "req/s", "requests_per_s"),
+        chart(points, "Errors", "err/s", "errors_per_s"),
+        chart(points, "Latency p50 / p99", "ms", "p50_ms", "p99_ms"),
+    ]
 
 
 @login_required
 def deployment_detail(request: HttpRequest, deployment_id: int) -> HttpResponse:
+    """The deployment page; htmx asks for one part of it with ``?part=``."""
     access = page_access(request)
     deployment = selectors.deployment_get(team=access.team, deployment_id=deployment_id)
+    live = deployment.status in (DeploymentStatus.RUNNING, DeploymentStatus.DEPLOYING)
+    part = request.GET.get("part", "") if getattr(request, "htmx", False) else ""
+    if part == "logs":
+        revision, lines = selectors.deployment_log_lines(deployment=deployment, tail=LOG_LINES)
+        return render(
+            request,
+            "deployments/htmx/logs.html",
+            {"deployment": deployment, "log_revision": revision, "log_lines": lines, "live": live},
+        )
+    if part == "metrics":
+        return render(
+            request,
+            "deployments/htmx/metrics.html",
+            {"deployment": deployment, "charts": _charts(deployment), "live": live},
+        )
     revisions = list(selectors.revision_list(deployment=deployment))
     current = deployment.current_revision
     events = (
@@ -64,20 +137,48 @@ def deployment_detail(request: HttpRequest, deployment_id: int) -> HttpResponse:
         for v in registry_selectors.version_list(model=deployment.model)
         if v.is_ready and (current is None or v.pk != current.version_id)
     ]
+    version = current.version if current else None
     context = {
         "deployment": deployment,
         "revisions": revisions,
         "events": events,
         "access": access,
-        "curl": curl_example(deployment.endpoint_url, current.version if current else None)
-        if deployment.endpoint_url
-        else "",
+        "snippets": snippets(deployment, version) if deployment.endpoint_url else None,
         "rollback_targets": rollback_targets,
-        "token_hint": settings.PUBLIC_URL,
+        "try_fields": input_fields(version.signature) if version else [],
+        "live": live,
     }
-    return render_page_or_fragment(
-        request, "deployments/detail.html", "deployments/htmx/status.html", context
-    )
+    if part == "status":
+        return render(request, "deployments/htmx/status.html", context)
+    revision, lines = selectors.deployment_log_lines(deployment=deployment, tail=LOG_LINES)
+    context.update(log_revision=revision, log_lines=lines, charts=_charts(deployment))
+    return render(request, "deployments/detail.html", context)
+
+
+@login_required
+@require_POST
+def deployment_try(request: HttpRequest, deployment_id: int) -> HttpResponse:
+    """Send the try-it form's inputs to the live endpoint and show the answer."""
+    access = page_access(request)
+    deployment = selectors.deployment_get(team=access.team, deployment_id=deployment_id)
+    current = deployment.current_revision
+    if current is None or not deployment.endpoint_url:
+        result = None
+        error = "The deployment is not serving anything yet."
+    else:
+        values = {
+            key.removeprefix("input-"): request.POST.get(key, "")
+            for key in request.POST
+            if key.startswith("input-")
+        }
+        result = try_inference(
+            endpoint_url=deployment.endpoint_url,
+            signature=current.version.signature,
+            values=values,
+            upload=request.FILES.get("sample"),
+        )
+        error = ""
+    return render(request, "deployments/htmx/try_result.html", {"result": result, "error": error})
 
 
 @login_required

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 from django import forms
 
+from portal.deployments.choices import Device
 from portal.registry.choices import SourceFormat
 from portal.registry.models import name_validator
 
@@ -30,3 +33,14 @@ class UploadForm(forms.Form):
         label="Sample input (optional)",
         help_text=".npy, .npz (one array per input) or JSON. Used for the known-answer check.",
     )
+
+
+class DeployForm(forms.Form):
+    """The Deploy button's settings; all have defaults."""
+
+    deployment = forms.CharField(max_length=63, validators=[name_validator], initial="production")
+    device = forms.ChoiceField(choices=Device.choices, initial=Device.CPU)
+    cpus = forms.DecimalField(
+        min_value=Decimal("0.1"), max_value=Decimal(64), decimal_places=2, required=False
+    )
+    memory_mb = forms.IntegerField(min_value=128, max_value=262144, required=False)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from django.db.models import Count, OuterRef, Q, QuerySet, Subquery
+from dataclasses import dataclass
+
+from django.db.models import Count, OuterRef, Prefetch, Q, QuerySet, Subquery
 from django.http import Http404
 
 from portal.accounts.models import Team
+from portal.deployments.choices import DeploymentStatus
+from portal.deployments.models import Deployment
+from portal.registry.choices import FINAL_VERSION_STATUSES, VersionStatus
 from portal.registry.models import Model, ModelVersion
 
 
@@ -19,7 +24,33 @@ def model_list(*, team: Team, search: str = "") -> QuerySet[Model]:
     )
     if search:
         models = models.filter(Q(name__icontains=search) | Q(description__icontains=search))
-    return models.order_by("name")
+    serving = Prefetch(
+        "deployments",
+        queryset=Deployment.objects.select_related("current_revision__version").order_by("name"),
+    )
+    return models.prefetch_related(serving).order_by("name")
+
+
+@dataclass(frozen=True)
+class TeamCounts:
+    """The numbers at the top of the models page."""
+
+    models: int
+    in_progress: int
+    failed: int
+    running: int
+
+
+def team_counts(*, team: Team) -> TeamCounts:
+    versions = ModelVersion.objects.filter(model__team=team)
+    return TeamCounts(
+        models=Model.objects.filter(team=team).count(),
+        in_progress=versions.exclude(status__in=FINAL_VERSION_STATUSES).count(),
+        failed=versions.filter(status=VersionStatus.FAILED).count(),
+        running=Deployment.objects.filter(
+            model__team=team, status=DeploymentStatus.RUNNING
+        ).count(),
+    )
 
 
 def model_get(*, team: Team, name: str) -> Model:

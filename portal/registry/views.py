@@ -20,7 +20,7 @@ from portal.deployments.choices import Device
 from portal.deployments.services import gpu_unavailable_reason
 from portal.registry import selectors, services
 from portal.registry.choices import FINAL_VERSION_STATUSES
-from portal.registry.forms import ModelCreateForm, UploadForm
+from portal.registry.forms import DeployForm, ModelCreateForm, UploadForm
 from portal.registry.uploads import UploadTooLarge
 
 
@@ -45,7 +45,8 @@ def model_list(request: HttpRequest) -> HttpResponse:
     search = request.GET.get("q", "").strip()
     models = list(selectors.model_list(team=access.team, search=search))
     polling = any(
-        m.latest_status and m.latest_status not in FINAL_VERSION_STATUSES  # type: ignore[attr-defined]
+        (m.latest_status and m.latest_status not in FINAL_VERSION_STATUSES)  # type: ignore[attr-defined]
+        or any(not d.is_final for d in m.deployments.all())
         for m in models
     )
     context = {
@@ -54,6 +55,7 @@ def model_list(request: HttpRequest) -> HttpResponse:
         "search": search,
         "access": access,
         "polling": polling,
+        "counts": selectors.team_counts(team=access.team),
     }
     return render_page_or_fragment(
         request, "registry/model_list.html", "registry/htmx/model_rows.html", context
@@ -161,11 +163,19 @@ def version_deploy(request: HttpRequest, name: str, number: int) -> HttpResponse
     if not access.membership.allows(Role.MEMBER):
         messages.error(request, "Viewers cannot deploy.")
         return redirect("registry:version_detail", name=name, number=number)
-    deployment_name = request.POST.get("deployment", "production").strip() or "production"
-    device = request.POST.get("device", Device.CPU)
+    form = DeployForm(request.POST)
+    if not form.is_valid():
+        errors = "; ".join(f"{k}: {' '.join(map(str, v))}" for k, v in form.errors.items())
+        messages.error(request, f"Check the deployment settings: {errors}")
+        return redirect("registry:version_detail", name=name, number=number)
     try:
         revision = deployment_deploy(
-            version=version, name=deployment_name, device=device, user=access.user
+            version=version,
+            name=form.cleaned_data["deployment"],
+            device=form.cleaned_data["device"],
+            cpus=form.cleaned_data["cpus"],
+            memory_mb=form.cleaned_data["memory_mb"],
+            user=access.user,
         )
     except APIException as exc:
         messages.error(request, str(exc.detail))

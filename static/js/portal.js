@@ -120,3 +120,35 @@
     return (unit === 0 ? value : value.toFixed(1)) + " " + units[unit];
   }
 })();
+
+// Tabs: [data-tabs] with role=tab buttons; all panels stay visible without JavaScript.
+(function () {
+  "use strict";
+  function setup(root) {
+    if (root.classList.contains("ready")) return;
+    var tabs = Array.prototype.slice.call(root.querySelectorAll('[role="tab"]'));
+    function select(tab) {
+      tabs.forEach(function (other) {
+        var selected = other === tab;
+        other.setAttribute("aria-selected", selected ? "true" : "false");
+        other.tabIndex = selected ? 0 : -1;
+        document.getElementById(other.getAttribute("aria-controls")).hidden = !selected;
+      });
+    }
+    tabs.forEach(function (tab, index) {
+      tab.addEventListener("click", function () { select(tab); });
+      tab.addEventListener("keydown", function (event) {
+        var step = event.key === "ArrowRight" ? 1 : event.key === "ArrowLeft" ? -1 : 0;
+        if (!step) return;
+        var next = tabs[(index + step + tabs.length) % tabs.length];
+        select(next);
+        next.focus();
+      });
+    });
+    select(tabs[0]);
+    root.classList.add("ready");
+  }
+  function all() { document.querySelectorAll("[data-tabs]").forEach(setup); }
+  if (document.readyState !== "loading") all(); else document.addEventListener("DOMContentLoaded", all);
+  document.addEventListener("htmx:afterSwap", all);
+})();

@@ -198,3 +198,29 @@ def test_stop_and_delete(personas: Personas, versions: list) -> None:
     services.deployment_teardown(deployment_id=deployment.pk, delete=True)
     assert not Deployment.objects.filter(pk=deployment.pk).exists()
     assert Event.objects.filter(message__contains="stopped and deleted").exists()
+
+
+def test_try_it_form_returns_the_right_numbers(personas: Personas, versions: list) -> None:
+    from django.test import Client
+
+    (v1, w1, b1), _ = versions
+    revision = services.deployment_deploy(version=v1, name="production", user=personas.bob.user)
+    services.revision_rollout(revision_id=revision.pk)
+    client = Client()
+    client.login(username="bob", password="bob-password")
+    page = client.get(f"/deployments/{revision.deployment_id}/")
+    assert b"Try it" in page.content
+    assert b"tritonclient" in page.content
+    answer = client.post(
+        f"/deployments/{revision.deployment_id}/try", {"input-input": "[[1, 2, 3, 4]]"}
+    )
+    expected = np.array([1, 2, 3, 4], dtype=np.float32) @ w1 + b1
+    text = answer.content.decode()
+    assert "Answered in" in text
+    import json
+    import re
+
+    shown = json.loads(re.search(r'data-testid="try-output-output">([^<]*)<', text).group(1))
+    np.testing.assert_allclose(shown, expected, rtol=1e-5)
+    wrong = client.post(f"/deployments/{revision.deployment_id}/try", {"input-input": "[[1, 2]]"})
+    assert b"size 2 in dimension 1" in wrong.content
