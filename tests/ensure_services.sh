@@ -59,6 +59,13 @@ if ! docker_ready; then
 fi
 if docker_ready; then log "Docker engine is up"; else missing+=("Docker engine"); fi
 
+# --- Chromium (browser tests) -----------------------------------------------------
+CHROMIUM="${MODELPORT_CHROMIUM:-/usr/bin/chromium}"
+if [ ! -x "$CHROMIUM" ]; then
+    apt_install chromium
+fi
+if [ -x "$CHROMIUM" ]; then log "Chromium is installed"; else missing+=(Chromium); fi
+
 if [ "${#missing[@]}" -gt 0 ]; then
     if [ "${CI:-}" = "true" ]; then
         log "missing in CI: ${missing[*]}"

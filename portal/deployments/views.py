@@ -149,7 +149,13 @@ def deployment_detail(request: HttpRequest, deployment_id: int) -> HttpResponse:
         "live": live,
     }
     if part == "status":
-        return render(request, "deployments/htmx/status.html", context)
+        response = render(request, "deployments/htmx/status.html", context)
+        was = request.GET.get("was", "")
+        if deployment.is_final and was and was != deployment.status:
+            # The rollout just ended: reload once so the snippets, try-it form and
+            # charts describe what is serving now.
+            response["HX-Refresh"] = "true"
+        return response
     revision, lines = selectors.deployment_log_lines(deployment=deployment, tail=LOG_LINES)
     context.update(log_revision=revision, log_lines=lines, charts=_charts(deployment))
     return render(request, "deployments/detail.html", context)
