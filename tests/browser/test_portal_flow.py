@@ -137,6 +137,9 @@ def test_upload_deploy_try_rollback_in_the_browser(
     shoot(page, "deployments-wide")
     page.goto(f"{base}/")
     shoot(page, "models-wide")
+    page.goto(f"{base}/api/docs/")
+    page.locator(".swagger-ui .information-container").wait_for()
+    shoot(page, "api-docs-wide")
     watch.check()
     context.close()
 
