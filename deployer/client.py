@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,21 +35,41 @@ class Client:
     token: str
     timeout_s: float = 60.0
     poll_s: float = 1.0
+    retries: int = 3
+    retry_wait_s: float = 1.0
 
     def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        """One API call. Mutating calls carry an Idempotency-Key and are retried with the
+        same key when the connection breaks or a proxy answers 502-504, so a retry never
+        does the work twice."""
         headers = {"Authorization": f"Token {self.token}", "Accept": "application/json"}
-        try:
-            response = requests.request(
-                method,
-                f"{self.url.rstrip('/')}/api/v1/{path.lstrip('/')}",
-                headers=headers,
-                timeout=kwargs.pop("timeout", self.timeout_s),
-                **kwargs,
-            )
-        except requests.RequestException as exc:
-            raise ClientError(
-                f"Cannot reach ModelPort at {self.url}: {exc}", code="unreachable"
-            ) from exc
+        mutating = method in ("POST", "PATCH", "PUT", "DELETE")
+        if mutating:
+            headers["Idempotency-Key"] = str(uuid.uuid4())
+        timeout = kwargs.pop("timeout", self.timeout_s)
+        attempts = self.retries + 1 if mutating or method == "GET" else 1
+        for attempt in range(attempts):
+            for handle in _file_handles(kwargs):
+                handle.seek(0)
+            try:
+                response = requests.request(
+                    method,
+                    f"{self.url.rstrip('/')}/api/v1/{path.lstrip('/')}",
+                    headers=headers,
+                    timeout=timeout,
+                    **kwargs,
+                )
+            except requests.RequestException as exc:
+                if attempt + 1 < attempts:
+                    time.sleep(self.retry_wait_s * (attempt + 1))
+                    continue
+                raise ClientError(
+                    f"Cannot reach ModelPort at {self.url}: {exc}", code="unreachable"
+                ) from exc
+            if response.status_code in (502, 503, 504) and attempt + 1 < attempts:
+                time.sleep(self.retry_wait_s * (attempt + 1))
+                continue
+            break
         if response.status_code >= 400:
             try:
                 body = response.json()
@@ -175,6 +196,11 @@ class Client:
             poll_s=self.poll_s,
             what=f"the rollout of revision {revision_id}",
         )
+
+
+def _file_handles(kwargs: dict[str, Any]) -> list[Any]:
+    files = kwargs.get("files") or {}
+    return [value[1] for value in files.values() if hasattr(value[1], "seek")]
 
 
 def _wait(

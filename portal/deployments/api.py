@@ -10,6 +10,7 @@ from rest_framework.views import APIView
 
 from portal.accounts.access import api_access
 from portal.accounts.choices import Role
+from portal.core.idempotency import IDEMPOTENCY_PARAMETER, idempotent
 from portal.deployments import selectors, services
 from portal.deployments.models import Deployment, Revision
 from portal.deployments.serializers import (
@@ -38,7 +39,12 @@ def _accepted(revision_id: int, deployment_id: int) -> Response:
 class DeployView(APIView):
     """Deploy a ready version to a named deployment of its model."""
 
-    @extend_schema(request=DeployRequestSerializer, responses={202: DeployResponseSerializer})
+    @extend_schema(
+        request=DeployRequestSerializer,
+        responses={202: DeployResponseSerializer},
+        parameters=[IDEMPOTENCY_PARAMETER],
+    )
+    @idempotent
     def post(self, request: Request, name: str, number: int) -> Response:
         access = api_access(request)
         model = registry_selectors.model_get(team=access.team, name=name)
@@ -83,7 +89,8 @@ class DeploymentDetailView(APIView):
         )
         return Response(DeploymentSerializer(deployment).data)
 
-    @extend_schema(responses={202: DeploymentSerializer})
+    @extend_schema(responses={202: DeploymentSerializer}, parameters=[IDEMPOTENCY_PARAMETER])
+    @idempotent
     def delete(self, request: Request, deployment_id: int) -> Response:
         access = api_access(request)
         deployment = selectors.deployment_get(team=access.team, deployment_id=deployment_id)
@@ -108,7 +115,12 @@ class RevisionListView(APIView):
 class RollbackView(APIView):
     """Return a deployment to an earlier version, without a rebuild (team admins only)."""
 
-    @extend_schema(request=RollbackRequestSerializer, responses={202: DeployResponseSerializer})
+    @extend_schema(
+        request=RollbackRequestSerializer,
+        responses={202: DeployResponseSerializer},
+        parameters=[IDEMPOTENCY_PARAMETER],
+    )
+    @idempotent
     def post(self, request: Request, deployment_id: int) -> Response:
         access = api_access(request)
         deployment = selectors.deployment_get(team=access.team, deployment_id=deployment_id)

@@ -13,6 +13,7 @@ from rest_framework.views import APIView
 
 from portal.accounts.access import api_access
 from portal.accounts.choices import Role
+from portal.core.idempotency import IDEMPOTENCY_PARAMETER, idempotent
 from portal.registry import selectors, services
 from portal.registry.serializers import (
     ModelCreateSerializer,
@@ -36,7 +37,12 @@ class ModelListView(APIView):
         )
         return Response(ModelSerializer(models, many=True).data)
 
-    @extend_schema(request=ModelCreateSerializer, responses={201: ModelSerializer})
+    @extend_schema(
+        request=ModelCreateSerializer,
+        responses={201: ModelSerializer},
+        parameters=[IDEMPOTENCY_PARAMETER],
+    )
+    @idempotent
     def post(self, request: Request) -> Response:
         access = api_access(request)
         access.require(Role.MEMBER, "create models")
@@ -54,7 +60,10 @@ class ModelDetailView(APIView):
         model = selectors.model_get(team=api_access(request).team, name=name)
         return Response(ModelSerializer(model).data)
 
-    @extend_schema(request=ModelUpdateSerializer, responses=ModelSerializer)
+    @extend_schema(
+        request=ModelUpdateSerializer, responses=ModelSerializer, parameters=[IDEMPOTENCY_PARAMETER]
+    )
+    @idempotent
     def patch(self, request: Request, name: str) -> Response:
         access = api_access(request)
         model = selectors.model_get(team=access.team, name=name)
@@ -64,7 +73,8 @@ class ModelDetailView(APIView):
         model = services.model_update(model=model, user=access.user, **data.validated_data)
         return Response(ModelSerializer(model).data)
 
-    @extend_schema(responses={204: None})
+    @extend_schema(responses={204: None}, parameters=[IDEMPOTENCY_PARAMETER])
+    @idempotent
     def delete(self, request: Request, name: str) -> Response:
         access = api_access(request)
         model = selectors.model_get(team=access.team, name=name)
@@ -83,7 +93,12 @@ class VersionListView(APIView):
         model = selectors.model_get(team=api_access(request).team, name=name)
         return Response(VersionSerializer(selectors.version_list(model=model), many=True).data)
 
-    @extend_schema(request=VersionUploadSerializer, responses={202: VersionSerializer})
+    @extend_schema(
+        request=VersionUploadSerializer,
+        responses={202: VersionSerializer},
+        parameters=[IDEMPOTENCY_PARAMETER],
+    )
+    @idempotent
     def post(self, request: Request, name: str) -> Response:
         access = api_access(request)
         model = selectors.model_get(team=access.team, name=name)
