@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from django.contrib.auth.models import User
+from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.http import Http404, HttpRequest
 from rest_framework import exceptions
 from rest_framework.request import Request
@@ -42,14 +43,24 @@ class Access:
     def is_admin(self) -> bool:
         return self.membership.allows(Role.ADMIN)
 
+    def denial(self, role: str, action: str) -> str:
+        """Why this caller may not do ``action``, or "" when they may."""
+        if self.membership.allows(role):
+            return ""
+        return (
+            f"Only team {Role(role).label.lower()}s can {action}; you are a "
+            f"{Role(self.membership.role).label.lower()} of {self.team.slug}."
+        )
+
     def require(self, role: str, action: str) -> None:
-        """Raise 403 naming the role needed for ``action``."""
-        if not self.membership.allows(role):
-            raise exceptions.PermissionDenied(
-                f"Only team {Role(role).label.lower()}s can {action}; you are a "
-                f"{Role(self.membership.role).label.lower()} of {self.team.slug}.",
-                code="forbidden",
-            )
+        """API: raise 403 naming the role needed for ``action``."""
+        if reason := self.denial(role, action):
+            raise exceptions.PermissionDenied(reason, code="forbidden")
+
+    def require_page(self, role: str, action: str) -> None:
+        """Pages: raise Django's 403 (rendered by templates/403.html) with the reason."""
+        if reason := self.denial(role, action):
+            raise DjangoPermissionDenied(reason)
 
 
 def api_access(request: Request) -> Access:

@@ -13,6 +13,7 @@ from django.views.decorators.http import require_POST
 from rest_framework.exceptions import APIException
 
 from portal.accounts.access import page_access
+from portal.accounts.choices import Role
 from portal.core.models import Event
 from portal.deployments import selectors, services
 from portal.deployments.choices import DeploymentStatus
@@ -192,9 +193,7 @@ def deployment_try(request: HttpRequest, deployment_id: int) -> HttpResponse:
 def deployment_rollback(request: HttpRequest, deployment_id: int) -> HttpResponse:
     access = page_access(request)
     deployment = selectors.deployment_get(team=access.team, deployment_id=deployment_id)
-    if not access.is_admin:
-        messages.error(request, "Only team admins can roll back.")
-        return redirect("deployments:detail", deployment_id=deployment.pk)
+    access.require_page(Role.ADMIN, "roll back deployments")
     try:
         number = int(request.POST.get("version", ""))
         version = registry_selectors.version_get(model=deployment.model, number=number)
@@ -213,9 +212,7 @@ def deployment_rollback(request: HttpRequest, deployment_id: int) -> HttpRespons
 def deployment_stop(request: HttpRequest, deployment_id: int) -> HttpResponse:
     access = page_access(request)
     deployment = selectors.deployment_get(team=access.team, deployment_id=deployment_id)
-    if not access.is_admin:
-        messages.error(request, "Only team admins can stop deployments.")
-        return redirect("deployments:detail", deployment_id=deployment.pk)
+    access.require_page(Role.ADMIN, "stop deployments")
     services.deployment_stop(deployment=deployment, user=access.user, delete=False)
     messages.success(request, f"Stopping {deployment.name}.")
     return redirect("deployments:detail", deployment_id=deployment.pk)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.core.exceptions import ValidationError
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
@@ -31,9 +31,8 @@ def model_list(request: HttpRequest) -> HttpResponse:
     access = page_access(request)
     form = ModelCreateForm(request.POST or None)
     if request.method == "POST":
-        if not access.can_change:
-            messages.error(request, "Viewers cannot create models.")
-        elif form.is_valid():
+        access.require_page(Role.MEMBER, "create models")
+        if form.is_valid():
             try:
                 model = services.model_create(
                     team=access.team, user=access.user, **form.cleaned_data
@@ -87,9 +86,11 @@ def version_upload(request: HttpRequest, name: str) -> HttpResponse:
     access = page_access(request)
     model = selectors.model_get(team=access.team, name=name)
     wants_json = request.headers.get("X-Requested-With") == "XMLHttpRequest"
+    if reason := access.denial(Role.MEMBER, "upload versions"):
+        if wants_json:
+            return JsonResponse({"error": reason}, status=403)
+        raise PermissionDenied(reason)
     if request.method == "POST":
-        if not access.can_change:
-            return _upload_error(request, model, "Viewers cannot upload versions.", 403, wants_json)
         try:
             form = UploadForm(request.POST, request.FILES)
             valid = form.is_valid()
@@ -160,9 +161,7 @@ def version_deploy(request: HttpRequest, name: str, number: int) -> HttpResponse
     access = page_access(request)
     model = selectors.model_get(team=access.team, name=name)
     version = selectors.version_get(model=model, number=number)
-    if not access.membership.allows(Role.MEMBER):
-        messages.error(request, "Viewers cannot deploy.")
-        return redirect("registry:version_detail", name=name, number=number)
+    access.require_page(Role.MEMBER, "deploy")
     form = DeployForm(request.POST)
     if not form.is_valid():
         errors = "; ".join(f"{k}: {' '.join(map(str, v))}" for k, v in form.errors.items())

@@ -28,7 +28,7 @@ def test_every_model_is_registered() -> None:
     ours = [m for m in apps.get_models() if m.__module__.startswith("portal.")]
     assert ours
     missing = [m.__name__ for m in ours if m not in admin.site._registry]
-    assert missing == [] or missing == ["MetricSample"], missing
+    assert missing == [], missing
 
 
 def test_admin_lists_render(personas: Personas, onnx_file: Path) -> None:

@@ -51,7 +51,7 @@ def test_viewer_sees_no_create_or_upload_controls(personas: Personas) -> None:
     client = _signed_in("vera")
     assert b"New model" not in client.get("/").content
     assert b"Upload a version" not in client.get("/models/demo/").content
-    assert client.post("/", {"name": "sneaky"}).status_code == 200
+    assert client.post("/", {"name": "sneaky"}).status_code == 403
     assert not Model.objects.filter(name="sneaky").exists()
 
 

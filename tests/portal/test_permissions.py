@@ -152,3 +152,99 @@ def test_token_is_scoped_to_its_team(personas: Personas, world: World) -> None:
     assert "demo" in names
     assert "globex-model" not in names
     assert client.get("/api/v1/models/globex-model/").status_code == 404
+
+
+# ---------------------------------------------------------------- pages
+
+
+def _page(who: str) -> Any:
+    from django.test import Client
+
+    client = Client()
+    assert client.login(username=who, password=f"{who}-password")
+    return client
+
+
+def _upload_form() -> dict[str, Any]:
+    return {"file": SimpleUploadedFile("m.onnx", b"\x08\x07")}
+
+
+PAGE_CASES: list[tuple[str, Call, dict[str, int]]] = [
+    ("models page", lambda c, w, who: c.get("/"),
+     {"alice": 200, "bob": 200, "vera": 200, "charlie": 200}),
+    ("create model page", lambda c, w, who: c.post("/", {"name": f"p-{who}"}),
+     {"alice": 302, "bob": 302, "vera": 403, "charlie": 302}),
+    ("model page", lambda c, w, who: c.get("/models/demo/"),
+     {"alice": 200, "bob": 200, "vera": 200, "charlie": 404}),
+    ("upload page", lambda c, w, who: c.get("/models/demo/upload/"),
+     {"alice": 200, "bob": 200, "vera": 403, "charlie": 404}),
+    ("upload", lambda c, w, who: c.post("/models/demo/upload/", _upload_form()),
+     {"alice": 302, "bob": 302, "vera": 403, "charlie": 404}),
+    ("version page", lambda c, w, who: c.get("/models/demo/versions/1/"),
+     {"alice": 200, "bob": 200, "vera": 200, "charlie": 404}),
+    ("version fragment", lambda c, w, who: c.get(
+        "/models/demo/versions/1/", HTTP_HX_REQUEST="true"),
+     {"alice": 200, "bob": 200, "vera": 200, "charlie": 404}),
+    ("deploy button", lambda c, w, who: c.post(
+        "/models/demo/versions/2/deploy", {"deployment": f"p-{who}", "device": "cpu"}),
+     {"alice": 302, "bob": 302, "vera": 403, "charlie": 404}),
+    ("deployments page", lambda c, w, who: c.get("/deployments/"),
+     {"alice": 200, "bob": 200, "vera": 200, "charlie": 200}),
+    ("deployment page", lambda c, w, who: c.get(f"/deployments/{w.deployment_id}/"),
+     {"alice": 200, "bob": 200, "vera": 200, "charlie": 404}),
+    ("deployment logs", lambda c, w, who: c.get(
+        f"/deployments/{w.deployment_id}/", {"part": "logs"}, HTTP_HX_REQUEST="true"),
+     {"alice": 200, "bob": 200, "vera": 200, "charlie": 404}),
+    ("try it", lambda c, w, who: c.post(
+        f"/deployments/{w.deployment_id}/try", {"input-input": "[[1, 2, 3, 4]]"}),
+     {"alice": 200, "bob": 200, "vera": 200, "charlie": 404}),
+    ("rollback button", lambda c, w, who: c.post(
+        f"/deployments/{w.deployment_id}/rollback", {"version": 2}),
+     {"alice": 302, "bob": 403, "vera": 403, "charlie": 404}),
+    ("stop button", lambda c, w, who: c.post(f"/deployments/{w.deployment_id}/stop"),
+     {"alice": 302, "bob": 403, "vera": 403, "charlie": 404}),
+    ("tokens page", lambda c, w, who: c.get("/accounts/tokens/"),
+     {"alice": 200, "bob": 200, "vera": 200, "charlie": 200}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("action", "call", "expected"), PAGE_CASES, ids=[c[0] for c in PAGE_CASES])
+def test_page_permission_matrix(
+    personas: Personas, world: World, action: str, call: Call, expected: dict[str, int]
+) -> None:
+    for who in ORDER:
+        response = call(_page(who), world, who)
+        assert response.status_code == expected[who], f"{who} {action}: {response.status_code}"
+
+
+def test_matrix_summary(personas: Personas, world: World) -> None:
+    """Runs both matrices once more and reports the figures issue 7 asks for."""
+    import json
+
+    from tests.conftest import REPO
+
+    cells = unexpected = 0
+    for cases, client_for in (
+        (CASES, lambda who: getattr(personas, who).client()),
+        (PAGE_CASES, _page),
+    ):
+        for _action, call, expected in cases:
+            for who in ORDER:
+                status = call(client_for(who), world, who).status_code
+                cells += 1
+                allowed = expected[who] < 400
+                if status < 400 and not allowed:
+                    unexpected += 1
+    report = {
+        "cells": cells,
+        "api_endpoints": len(CASES),
+        "pages": len(PAGE_CASES),
+        "roles": len(ORDER),
+        "unexpected_successes": unexpected,
+    }
+    out = REPO / "artifacts" / "reports"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "permission_matrix.json").write_text(json.dumps(report, indent=2))
+    print(f"permission matrix: {report}")
+    assert unexpected == 0
+    assert cells == (len(CASES) + len(PAGE_CASES)) * len(ORDER)
