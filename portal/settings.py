@@ -158,7 +158,7 @@ if env_bool("MODELPORT_HTTPS", False):
     CSRF_COOKIE_SECURE = True
     SECURE_HSTS_SECONDS = env_int("MODELPORT_HSTS_SECONDS", 31536000, minimum=0)
     SECURE_HSTS_INCLUDE_SUBDOMAINS = True
-    SECURE_HSTS_PRELOAD = env_bool("MODELPORT_HSTS_PRELOAD", False)
+    SECURE_HSTS_PRELOAD = env_bool("MODELPORT_HSTS_PRELOAD", True)
 
 # ---------------------------------------------------------------- REST API
 REST_FRAMEWORK = {
@@ -186,6 +186,7 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    "ENUM_NAME_OVERRIDES": {"SourceFormatEnum": "portal.registry.choices.SourceFormat"},
 }
 
 # ---------------------------------------------------------------- Celery
