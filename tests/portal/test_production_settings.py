@@ -20,7 +20,8 @@ def _check_deploy(tmp_path: Path, **extra: str) -> subprocess.CompletedProcess[s
         "MODELPORT_DEBUG": "false",
         **extra,
     }
-    env.pop("MODELPORT_HTTPS", None) if "MODELPORT_HTTPS" not in extra else None
+    if "MODELPORT_HTTPS" not in extra:
+        env.pop("MODELPORT_HTTPS", None)
     return subprocess.run(
         [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
         cwd=REPO,
