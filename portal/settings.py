@@ -187,6 +187,10 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "ENUM_NAME_OVERRIDES": {"SourceFormatEnum": "portal.registry.choices.SourceFormat"},
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "portal.core.schema.add_error_responses",
+    ],
 }
 
 # ---------------------------------------------------------------- Celery

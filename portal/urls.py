@@ -57,3 +57,7 @@ urlpatterns = [
     path("deployments/", include("portal.deployments.urls")),
     path("", include("portal.registry.urls")),
 ]
+
+handler400 = "portal.core.views.bad_request"
+handler404 = "portal.core.views.not_found"
+handler500 = "portal.core.views.server_error"

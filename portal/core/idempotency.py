@@ -47,10 +47,15 @@ def fingerprint(request: Request, path: str) -> str:
     """A digest of what the request asks for: method, path and body (files by content)."""
     body: dict[str, Any] = {}
     data = request.data
-    items = data.lists() if hasattr(data, "lists") else data.items()
+    if hasattr(data, "lists"):
+        items = data.lists()
+    elif isinstance(data, dict):
+        items = data.items()
+    else:  # a JSON array or scalar: the serializer will refuse it, but the digest is still exact
+        items = [("", data)]
     for name, value in items:
         values = value if isinstance(value, list) else [value]
-        body[name] = [_plain(v) for v in values]
+        body[str(name)] = [_plain(v) for v in values]
     for name, files in request.FILES.lists():
         body[f"file:{name}"] = [upload_sha256(f) for f in files]
     text = json.dumps([request.method, path, body], sort_keys=True, default=str)

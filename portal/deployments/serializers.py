@@ -15,7 +15,7 @@ from portal.registry.models import NAME_RE
 class DeploymentSerializer(serializers.ModelSerializer[Deployment]):
     model = serializers.CharField(source="model.name", read_only=True)
     current_version = serializers.IntegerField(
-        source="current_revision.version.number", default=None, read_only=True
+        source="current_revision.version.number", default=None, read_only=True, allow_null=True
     )
 
     class Meta:
@@ -29,7 +29,7 @@ class DeploymentSerializer(serializers.ModelSerializer[Deployment]):
 class RevisionSerializer(serializers.ModelSerializer[Revision]):
     version = serializers.IntegerField(source="version.number", read_only=True)
     requested_by = serializers.CharField(
-        source="requested_by.username", default=None, read_only=True
+        source="requested_by.username", default=None, read_only=True, allow_null=True
     )
 
     class Meta:

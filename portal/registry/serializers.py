@@ -72,7 +72,9 @@ class MlflowSerializer(serializers.Serializer[Any]):
 
 class VersionSerializer(serializers.ModelSerializer[ModelVersion]):
     model = serializers.CharField(source="model.name", read_only=True)
-    created_by = serializers.CharField(source="created_by.username", default=None, read_only=True)
+    created_by = serializers.CharField(
+        source="created_by.username", default=None, read_only=True, allow_null=True
+    )
     mlflow = serializers.SerializerMethodField()
 
     class Meta:
