@@ -17,9 +17,7 @@ import requests
 
 from deployer.errors import LaunchError
 from deployer.samples import Arrays, load_known_answer
-from deployer.signature import V2_TO_NUMPY
-
-NUMPY_TO_V2 = {numpy_name: v2 for v2, numpy_name in V2_TO_NUMPY.items()}
+from deployer.serving.datatypes import v2_datatype_of
 
 
 @dataclass(frozen=True)
@@ -65,7 +63,7 @@ def v2_request(inputs: Arrays) -> dict[str, Any]:
         if array.dtype.kind in "USO":
             datatype, data = "BYTES", [str(v) for v in array.ravel().tolist()]
         else:
-            datatype, data = NUMPY_TO_V2[array.dtype.name], array.ravel().tolist()
+            datatype, data = v2_datatype_of(array), array.ravel().tolist()
         tensors.append(
             {"name": name, "shape": list(array.shape), "datatype": datatype, "data": data}
         )

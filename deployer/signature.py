@@ -7,38 +7,10 @@ from typing import Any
 
 import numpy as np
 
-# onnxruntime's type strings and numpy dtypes for each V2 datatype.
-ORT_TO_V2: dict[str, str] = {
-    "tensor(bool)": "BOOL",
-    "tensor(uint8)": "UINT8",
-    "tensor(uint16)": "UINT16",
-    "tensor(uint32)": "UINT32",
-    "tensor(uint64)": "UINT64",
-    "tensor(int8)": "INT8",
-    "tensor(int16)": "INT16",
-    "tensor(int32)": "INT32",
-    "tensor(int64)": "INT64",
-    "tensor(float16)": "FP16",
-    "tensor(float)": "FP32",
-    "tensor(double)": "FP64",
-    "tensor(string)": "BYTES",
-    "tensor(bfloat16)": "BF16",
-}
-V2_TO_NUMPY: dict[str, str] = {
-    "BOOL": "bool",
-    "UINT8": "uint8",
-    "UINT16": "uint16",
-    "UINT32": "uint32",
-    "UINT64": "uint64",
-    "INT8": "int8",
-    "INT16": "int16",
-    "INT32": "int32",
-    "INT64": "int64",
-    "FP16": "float16",
-    "FP32": "float32",
-    "FP64": "float64",
-    "BYTES": "object",
-}
+from deployer.serving.datatypes import ORT_TO_V2, V2_TO_NUMPY
+
+# One table of datatypes for the whole engine: the serving runtime's.
+__all__ = ["ORT_TO_V2", "V2_TO_NUMPY", "Signature", "TensorSpec", "ort_dims"]
 
 
 @dataclass(frozen=True)
