@@ -48,6 +48,15 @@ def _random_tensor(
 
 def load_sample(path: Path, signature: Signature) -> Arrays:
     """Read a user's sample and check it against the signature."""
+    return conform(read_sample(path, [spec.name for spec in signature.inputs]), signature)
+
+
+def read_sample(path: Path, input_names: list[str]) -> Arrays:
+    """Read a user's sample as it is, before it is checked against a signature.
+
+    ``input_names`` names the model's inputs: a bare array (.npy, a JSON list) is
+    only accepted for a single-input model and takes that input's name.
+    """
     size = path.stat().st_size
     if size == 0:
         raise InvalidSample("The sample input file is empty.")
@@ -58,20 +67,17 @@ def load_sample(path: Path, signature: Signature) -> Arrays:
         )
     head = path.read_bytes()[:8]
     if head.startswith(b"\x93NUMPY"):
-        arrays = _from_npy(path, signature)
-    elif head.startswith(b"PK"):
-        arrays = _from_npz(path)
-    else:
-        arrays = _from_json(path, signature)
-    return conform(arrays, signature)
+        return _from_npy(path, input_names)
+    if head.startswith(b"PK"):
+        return _from_npz(path)
+    return _from_json(path, input_names)
 
 
-def _from_npy(path: Path, signature: Signature) -> Arrays:
-    if len(signature.inputs) != 1:
-        names = ", ".join(s.name for s in signature.inputs)
+def _from_npy(path: Path, input_names: list[str]) -> Arrays:
+    if len(input_names) != 1:
         raise InvalidSample(
-            f"A .npy sample holds one array, but the model has {len(signature.inputs)} inputs "
-            f"({names}). Upload an .npz with one array per input name."
+            f"A .npy sample holds one array, but the model has {len(input_names)} inputs "
+            f"({', '.join(input_names)}). Upload an .npz with one array per input name."
         )
     try:
         array = np.load(path, allow_pickle=False)
@@ -80,7 +86,7 @@ def _from_npy(path: Path, signature: Signature) -> Arrays:
             f"The .npy sample could not be read without unpickling ({exc}). Save it with a "
             "numeric or string dtype, not dtype=object."
         ) from exc
-    return {signature.inputs[0].name: array}
+    return {input_names[0]: array}
 
 
 def _from_npz(path: Path) -> Arrays:
@@ -91,7 +97,7 @@ def _from_npz(path: Path) -> Arrays:
         raise InvalidSample(f"The .npz sample could not be read: {exc}") from exc
 
 
-def _from_json(path: Path, signature: Signature) -> Arrays:
+def _from_json(path: Path, input_names: list[str]) -> Arrays:
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
@@ -113,8 +119,8 @@ def _from_json(path: Path, signature: Signature) -> Arrays:
         return arrays
     if isinstance(document, dict):
         return {str(name): np.array(value) for name, value in document.items()}
-    if isinstance(document, list) and len(signature.inputs) == 1:
-        return {signature.inputs[0].name: np.array(document)}
+    if isinstance(document, list) and len(input_names) == 1:
+        return {input_names[0]: np.array(document)}
     raise InvalidSample(
         'A JSON sample is either {"input name": [...]} or a V2 request {"inputs": [...]}.'
     )

@@ -72,11 +72,21 @@ def _child_env(limits: Limits) -> dict[str, str]:
     return env
 
 
-def run_child(module: str, args: list[str], *, work_dir: Path, limits: Limits) -> ChildOutcome:
+def run_child(
+    module: str,
+    args: list[str],
+    *,
+    work_dir: Path,
+    limits: Limits,
+    on_poll: Callable[[], None] | None = None,
+    env: dict[str, str] | None = None,
+) -> ChildOutcome:
     """Run ``python -m module args`` in ``work_dir`` under ``limits``.
 
     The child writes ``result.json`` into ``work_dir``. A handled failure there is
     raised again here as a ``DeployerError`` with the child's code and message.
+    ``on_poll`` is called about four times a second while the child runs (to relay
+    its progress); ``env`` adds variables to the child's small environment.
     """
     work_dir.mkdir(parents=True, exist_ok=True)
     result_path = work_dir / RESULT_FILE
@@ -90,11 +100,11 @@ def run_child(module: str, args: list[str], *, work_dir: Path, limits: Limits) -
             stdin=subprocess.DEVNULL,
             stdout=stderr,
             stderr=stderr,
-            env=_child_env(limits),
+            env={**_child_env(limits), **(env or {})},
             preexec_fn=_limit_preexec(limits),
         )
         try:
-            returncode = proc.wait(timeout=limits.timeout_s)
+            returncode = _wait(proc, limits.timeout_s, on_poll)
         except subprocess.TimeoutExpired:
             _kill_group(proc)
             raise LimitExceeded(
@@ -111,6 +121,21 @@ def run_child(module: str, args: list[str], *, work_dir: Path, limits: Limits) -
     if returncode == HANDLED_ERROR_EXIT and result is not None:
         raise DeployerError(str(result.get("message")), code=str(result.get("code", "error")))
     raise _crash_error(returncode, stderr_tail, limits)
+
+
+def _wait(
+    proc: subprocess.Popen[bytes], timeout_s: float, on_poll: Callable[[], None] | None
+) -> int:
+    if on_poll is None:
+        return proc.wait(timeout=timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return proc.wait(timeout=max(0.0, min(0.25, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            on_poll()
+            if time.monotonic() >= deadline:
+                raise
 
 
 def _crash_error(returncode: int, stderr_tail: str, limits: Limits) -> DeployerError:
