@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -216,3 +217,18 @@ def run_url(ui_url: str, experiment_id: str, run_id: str) -> str:
 def model_version_url(ui_url: str, registered_model: str, version: str) -> str:
     """The registered version's page in the MLflow UI."""
     return f"{ui_url}/#/models/{quote(registered_model)}/versions/{version}"
+
+
+def record_build(
+    target: TrackingTarget, run_id: str, *, metrics: dict[str, float], tags: dict[str, str]
+) -> None:
+    """Add an image build's figures to a version's run (a retry overwrites the same keys)."""
+    from mlflow.entities import Metric, RunTag
+
+    with _lock, _mlflow_errors("record the image build"):
+        now = int(time.time() * 1000)
+        _client(target).log_batch(
+            run_id,
+            metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()],
+            tags=[RunTag(key, value) for key, value in tags.items()],
+        )

@@ -254,9 +254,54 @@ MLFLOW_UI_URL = (
 ).rstrip("/")
 
 # ---------------------------------------------------------------- Engine
-# Where serving instances run: local processes (containers are the next runtime).
-MODELPORT_RUNTIME = env_choice("MODELPORT_RUNTIME", "local", ("local",))
+# Where serving instances run: local processes, Docker containers, or auto (Docker
+# when the deploy worker finds an engine that answers, else local processes).
+MODELPORT_RUNTIME = env_choice("MODELPORT_RUNTIME", "local", ("local", "docker", "auto"))
 MODELPORT_SERVING_HOST = env_str("MODELPORT_SERVING_HOST", "127.0.0.1")
+
+
+def _installation_id() -> str:
+    configured = env_optional("MODELPORT_INSTALLATION_ID")
+    if configured:
+        return configured
+    # Labels this installation's containers, so that installations sharing one Docker
+    # engine never touch each other's; kept in the data directory like the secret key.
+    id_file = DATA_DIR / "installation_id"
+    if not id_file.exists():
+        id_file.write_text(secrets.token_hex(5))
+    return id_file.read_text().strip()
+
+
+MODELPORT_INSTALLATION_ID = _installation_id()
+# Images (Docker runtime): the base image, where ModelPort's images are named, caches.
+MODELPORT_BASE_IMAGE = env_str("MODELPORT_BASE_IMAGE", "python:3.11-slim")
+MODELPORT_LOCAL_BASE_IMAGE = env_str(
+    "MODELPORT_LOCAL_BASE_IMAGE", "modelport/base:bookworm-python3.11"
+)
+MODELPORT_BASE_IMAGE_BUILD = env_bool("MODELPORT_BASE_IMAGE_BUILD", True)
+MODELPORT_IMAGE_REPOSITORY = env_str("MODELPORT_IMAGE_REPOSITORY", "modelport")
+MODELPORT_IMAGE_CACHE_DIR = Path(
+    env_str("MODELPORT_IMAGE_CACHE_DIR", str(DATA_DIR / "images"))
+).resolve()
+MODELPORT_GPU_ONNXRUNTIME = env_str("MODELPORT_GPU_ONNXRUNTIME", "")
+# Containers: the network they join (docker-compose) or the host address their ports
+# are published on; the size of their /tmp; the default process limit of a deployment.
+MODELPORT_DOCKER_NETWORK = env_str("MODELPORT_DOCKER_NETWORK", "")
+MODELPORT_DOCKER_PUBLISH_HOST = env_str("MODELPORT_DOCKER_PUBLISH_HOST", "127.0.0.1")
+MODELPORT_CONTAINER_TMPFS_MB = env_int("MODELPORT_CONTAINER_TMPFS_MB", 64, minimum=1)
+MODELPORT_CONTAINER_PIDS_LIMIT = env_int("MODELPORT_CONTAINER_PIDS_LIMIT", 256, minimum=16)
+# How long a replaced instance may finish the requests it holds before it is stopped.
+MODELPORT_DRAIN_S = env_int("MODELPORT_DRAIN_S", 10, minimum=1)
+# Stable endpoints through nginx: auto (a managed nginx when one is installed), nginx
+# (managed, required), external (nginx runs elsewhere and includes the route folder;
+# reloaded by a SIGHUP to MODELPORT_PROXY_CONTAINER), or none (direct instance URLs).
+MODELPORT_PROXY = env_choice("MODELPORT_PROXY", "auto", ("auto", "nginx", "external", "none"))
+MODELPORT_PROXY_LISTEN = env_str("MODELPORT_PROXY_LISTEN", "127.0.0.1:8080")
+MODELPORT_PROXY_URL = env_str("MODELPORT_PROXY_URL", f"http://{MODELPORT_PROXY_LISTEN}").rstrip("/")
+MODELPORT_PROXY_CHECK_URL = env_str("MODELPORT_PROXY_CHECK_URL", MODELPORT_PROXY_URL).rstrip("/")
+MODELPORT_PROXY_DIR = Path(env_str("MODELPORT_PROXY_DIR", str(DATA_DIR / "proxy"))).resolve()
+MODELPORT_PROXY_CONTAINER = env_str("MODELPORT_PROXY_CONTAINER", "")
+MODELPORT_PROXY_WORKERS = env_int("MODELPORT_PROXY_WORKERS", 2, minimum=1)
 MODELPORT_VALIDATION_MEMORY_MB = env_int("MODELPORT_VALIDATION_MEMORY_MB", 4096, minimum=64)
 MODELPORT_VALIDATION_TIMEOUT_S = env_int("MODELPORT_VALIDATION_TIMEOUT_S", 300, minimum=5)
 MODELPORT_READY_TIMEOUT_S = env_int("MODELPORT_READY_TIMEOUT_S", 120, minimum=5)

@@ -7,6 +7,7 @@ it at PostgreSQL. Tests that need a worker start a real Celery worker process.
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from pathlib import Path
 
@@ -16,7 +17,22 @@ os.environ.setdefault(
 # Only set in tests that start their own MLflow server; otherwise a private SQLite store.
 os.environ.setdefault("MODELPORT_SECRET_KEY", "test-only-" + "k" * 40)
 
-from portal.settings import *  # noqa: F403
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# A private proxy port per test run (set in the environment, so that the workers a test
+# starts use the same one), and one image cache shared by all runs on this machine:
+# wheels and build locks outlive a run's private data directory.
+os.environ.setdefault("MODELPORT_PROXY_LISTEN", f"127.0.0.1:{_free_port()}")
+os.environ.setdefault(
+    "MODELPORT_IMAGE_CACHE_DIR", os.path.join(tempfile.gettempdir(), "modelport-test-images")
+)
+
+from portal.settings import *  # noqa: E402, F403
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 STORAGES = {

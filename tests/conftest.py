@@ -67,6 +67,32 @@ def _stop_local_instances(data_dir: Path) -> None:
         runtime = LocalProcessRuntime(state)
         for instance in runtime.owned():
             runtime.stop(instance.handle, grace_s=1)
+    _stop_containers_and_proxy(data_dir)
+
+
+def _stop_containers_and_proxy(data_dir: Path) -> None:
+    """Remove this run's containers (by its installation label) and stop its nginx."""
+    from deployer.proxy import NginxProxy
+
+    installation = data_dir / "installation_id"
+    if (data_dir / "runtime" / "docker").is_dir() and installation.is_file():
+        from deployer.errors import DeployerError
+        from deployer.runtimes.docker import DockerRuntime, DockerSettings
+
+        runtime = DockerRuntime(
+            DockerSettings(
+                installation=installation.read_text().strip(),
+                log_dir=data_dir / "runtime" / "docker" / "logs",
+            )
+        )
+        try:
+            for instance in runtime.owned():
+                runtime.stop(instance.handle, grace_s=1)
+        except DeployerError:
+            pass
+    proxy_dir = data_dir / "proxy"
+    if proxy_dir.is_dir():
+        NginxProxy(proxy_dir, public_url="", check_url="", listen="127.0.0.1:1").stop()
 
 
 # ---------------------------------------------------------------- personas
@@ -285,3 +311,42 @@ def wait_for(
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout_s} s waiting for {what or predicate}")
         time.sleep(interval_s)
+
+
+# ---------------------------------------------------------------- Docker engine
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> None:
+    """A Docker engine that answers (make test starts dockerd)."""
+    from deployer.images.build import engine_available
+
+    require("Docker engine", engine_available(), "make test starts dockerd as root")
+
+
+@pytest.fixture(scope="session")
+def runtime_image(docker_engine: None) -> Any:
+    """The CPU runtime image, built once per runtime version (cold: base + wheels + build)."""
+    from deployer.images.runtime import runtime_image_ensure
+    from portal.core import engine
+
+    started = time.monotonic()
+    image = runtime_image_ensure(engine.image_config(), device="cpu")
+    took = time.monotonic() - started
+    state = "cached" if image.image.cached else "built"
+    print(f"\nruntime image {image.ref}: {state} in {took:.1f} s")
+    return image
+
+
+@pytest.fixture
+def docker_mode(
+    runtime_image: Any, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[None]:
+    """The Docker runtime behind nginx, here and in any worker a test starts."""
+    from deployer.proxy import find_nginx
+
+    require("nginx", bool(find_nginx()), "apt-get install nginx (make test does)")
+    settings.MODELPORT_RUNTIME = "docker"
+    monkeypatch.setenv("MODELPORT_RUNTIME", "docker")
+    yield
+    _stop_containers_and_proxy(Path(settings.DATA_DIR))

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Make sure the services the tests use are running: PostgreSQL, Redis, the Docker engine.
+# Make sure the services the tests use are running: PostgreSQL, Redis, the Docker engine,
+# and the tools they need: nginx, debootstrap, docker-compose, Chromium.
 # As root on Debian it installs and starts what is missing; elsewhere it only checks.
 # With CI=true a missing service is an error; otherwise the tests that need it are skipped.
 set -uo pipefail
@@ -58,6 +59,21 @@ if ! docker_ready; then
     fi
 fi
 if docker_ready; then log "Docker engine is up"; else missing+=("Docker engine"); fi
+
+# --- nginx, debootstrap, docker-compose ----------------------------------------
+# nginx gives deployments their stable URLs; debootstrap builds the local base image
+# (no registry here); docker-compose validates docker-compose.yml.
+ensure_tool() {  # ensure_tool NAME PACKAGE: the command NAME, installed from PACKAGE if missing
+    command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || apt_install "$2"
+    if command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; then
+        log "$1 is installed"
+    else
+        missing+=("$1")
+    fi
+}
+ensure_tool nginx nginx
+ensure_tool debootstrap debootstrap
+ensure_tool docker-compose docker-compose
 
 # --- Chromium (browser tests) -----------------------------------------------------
 CHROMIUM="${MODELPORT_CHROMIUM:-/usr/bin/chromium}"

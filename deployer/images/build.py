@@ -153,6 +153,7 @@ def image_build(
     the size of the layers it added on top of ``parent_ref``.
     """
     check_reference(ref)
+    checked_labels = check_labels(labels or {})
     args = dict(build_args or {})
     for value in args.values():
         check_reference(value)
@@ -165,7 +166,7 @@ def image_build(
             path=str(context_dir),
             dockerfile=dockerfile,
             tag=ref,
-            labels=check_labels(labels or {}),
+            labels=checked_labels,
             buildargs=args,
             rm=True,
             forcerm=True,

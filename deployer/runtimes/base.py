@@ -21,6 +21,7 @@ class LaunchSpec:
     device: str = "cpu"
     cpus: float = 1.0
     memory_mb: int = 1024
+    pids_limit: int = 256
     labels: dict[str, str] = field(default_factory=dict)
 
 

@@ -28,6 +28,8 @@ class Deployment(models.Model):
     device = models.CharField(max_length=8, choices=Device.choices, default=Device.CPU)
     cpus = models.DecimalField(max_digits=5, decimal_places=2, default=1)
     memory_mb = models.PositiveIntegerField(default=1024)
+    # Most processes (and threads) a container of this deployment may run.
+    pids_limit = models.PositiveIntegerField(default=256)
     current_revision = models.ForeignKey(
         "Revision", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
     )
@@ -74,7 +76,7 @@ class Deployment(models.Model):
             DeploymentStatus.RUNNING if self.current_revision_id else DeploymentStatus.FAILED
         )
         self.error = message
-        self.save(update_fields=["status", "error", "updated_at"])
+        self.save(update_fields=["status", "error", "current_revision", "updated_at"])
 
 
 class Revision(models.Model):

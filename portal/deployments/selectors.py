@@ -32,13 +32,16 @@ def deployment_get(*, team: Team, deployment_id: int) -> Deployment:
 
 
 def deployment_log_lines(*, deployment: Deployment, tail: int = 200) -> tuple[Revision | None, str]:
-    """The last lines written by the deployment's live instance (or its latest attempt)."""
+    """The last lines written by the deployment's live instance (or its latest attempt).
+
+    Read from files in the data directory, so the web process needs no Docker socket.
+    """
     from portal.core import engine
 
     revision = deployment.current_revision or deployment.revisions.exclude(handle="").first()
     if revision is None or not revision.handle:
         return revision, ""
-    return revision, engine.runtime().logs(revision.handle, tail=tail)
+    return revision, engine.instance_logs(revision, tail=tail)
 
 
 def revision_list(*, deployment: Deployment) -> QuerySet[Revision]:

@@ -10,13 +10,16 @@ from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.db.models.functions import Now
 from django.utils import timezone
 
 from deployer.checks import check_known_answer, wait_until_ready
-from deployer.errors import DeployerError, TrackingError
+from deployer.errors import DeployerError, LaunchError, TrackingError
+from deployer.images.build import image_get
+from deployer.proxy import ProxyError, Route, route_prefix
 from deployer.runtimes.base import InstanceState, LaunchSpec, Runtime
+from deployer.runtimes.docker import DockerRuntime
 from deployer.tracking import set_alias
 from portal.core import engine
 from portal.core.api import ApiError, Conflict
@@ -39,7 +42,21 @@ log = logging.getLogger(__name__)
 
 
 def gpu_unavailable_reason() -> str:
-    """Why this installation cannot serve on a GPU, or "" when it can."""
+    """Why this installation cannot serve on a GPU, or "" when it can (or cannot tell yet).
+
+    Safe in the web process: for containers it reads what the deploy worker last
+    found out about the engine (it checks again before anything is built or started).
+    """
+    if engine.builds_images():
+        facts = engine.engine_facts()
+        if facts.get("runtime") == "docker":
+            return str(facts.get("gpu_reason", ""))
+        if settings.MODELPORT_RUNTIME == "docker" or not facts:
+            return ""
+    return _local_gpu_reason()
+
+
+def _local_gpu_reason() -> str:
     try:
         import onnxruntime as ort
     except ImportError:  # pragma: no cover - onnxruntime is a dependency
@@ -82,6 +99,7 @@ def deployment_deploy(
                 "created_by": user,
                 "cpus": cpus or Decimal(1),
                 "memory_mb": memory_mb or 1024,
+                "pids_limit": settings.MODELPORT_CONTAINER_PIDS_LIMIT,
             },
         )
         if not created:
@@ -134,12 +152,10 @@ def _start_revision(
         )
     if deployment.status == DeploymentStatus.STOPPING:
         raise Conflict(f"{deployment.name} is stopping.", code="deployment_stopping")
+    # The deploy worker records the runtime when it starts the instance: the web
+    # process never asks the engine anything.
     revision = Revision.objects.create(
-        deployment=deployment,
-        version=version,
-        kind=kind,
-        requested_by=user,
-        runtime=engine.runtime().name,
+        deployment=deployment, version=version, kind=kind, requested_by=user
     )
     deployment.status = DeploymentStatus.DEPLOYING
     deployment.error = ""
@@ -204,33 +220,39 @@ def revision_claim(*, revision_id: int) -> Revision | None:
     if revision.status in WORKING_REVISION_STATUSES:
         _rollout_failed(
             revision,
-            engine.runtime(),
+            _runtime_of(revision),
             f"The rollout was interrupted {revision.attempts} times and was abandoned.",
         )
     return None
+
+
+def _runtime_of(revision: Revision) -> Runtime:
+    """The runtime that started a revision's instance (the current one if none yet)."""
+    return engine.runtime_named(revision.runtime) if revision.runtime else engine.runtime()
 
 
 def revision_rollout(*, revision_id: int) -> None:
     """Start the revision's instance, prove it answers correctly, then switch to it.
 
     The previous revision keeps serving until the new one has passed its
-    known-answer check; if the new one fails, the deployment says why and the old
-    one stays live.
+    known-answer check and the proxy routes to it; if the new one fails, the
+    deployment says why and the old one stays live.
     """
     revision = revision_claim(revision_id=revision_id)
     if revision is None:
         return
-    runtime = engine.runtime()
     deployment, version = revision.deployment, revision.version
-    if revision.handle:
-        # An earlier attempt died mid-rollout: its instance is not trusted, start afresh.
-        runtime.stop(revision.handle, grace_s=1)
-        revision.handle = ""
+    _discard_earlier_attempt(revision)
+    runtime = engine.runtime()
+    revision.runtime = runtime.name
+    revision.save(update_fields=["runtime", "updated_at"])
     served = version.served_model_path
     timer = StepTimer()
     try:
         if served is None:
             raise DeployerError(f"Version {version.number} has no served model file.")
+        _preflight(deployment, runtime)
+        image = _image_for(revision, runtime)
         launch = runtime.start(
             LaunchSpec(
                 deployment_id=deployment.pk,
@@ -238,10 +260,11 @@ def revision_rollout(*, revision_id: int) -> None:
                 model_name=deployment.model.name,
                 model_version=str(version.number),
                 model_path=served,
-                image=version.image_ref,
+                image=image,
                 device=deployment.device,
                 cpus=float(deployment.cpus),
                 memory_mb=deployment.memory_mb,
+                pids_limit=deployment.pids_limit,
                 labels={
                     "modelport.deployment": str(deployment.pk),
                     "modelport.revision": str(revision.pk),
@@ -255,14 +278,15 @@ def revision_rollout(*, revision_id: int) -> None:
             team=deployment.model.team,
             deployment=deployment,
             step="start",
-            message=f"Started {runtime.name} instance {launch.handle} for version {version.number}",
+            message=f"Started {runtime.name} instance {launch.handle[:12]} for version "
+            f"{version.number}" + (f" from {image}" if image else ""),
         )
         wait_until_ready(
             launch.url,
             deployment.model.name,
             timeout_s=settings.MODELPORT_READY_TIMEOUT_S,
             still_running=lambda: runtime.status(launch.handle).state == InstanceState.RUNNING,
-            describe_failure=lambda: _log_tail(runtime, launch.handle),
+            describe_failure=lambda: _failure_detail(runtime, launch.handle),
         )
         check_known_answer(
             launch.url,
@@ -276,13 +300,93 @@ def revision_rollout(*, revision_id: int) -> None:
     _switch(revision, runtime, ready_seconds=timer.ms / 1000, url=launch.url)
 
 
+def _discard_earlier_attempt(revision: Revision) -> None:
+    """Remove what an interrupted attempt of this revision left: its instance is not trusted.
+
+    By handle when it was saved, and by label for an instance started just before
+    the worker died (its handle never reached the row).
+    """
+    if revision.handle:
+        _runtime_of(revision).stop(revision.handle, grace_s=1)
+    for runtime in engine.runtimes_in_use():
+        for instance in runtime.owned():
+            if instance.revision_id == revision.pk:
+                runtime.stop(instance.handle, grace_s=1)
+    if revision.handle:
+        revision.handle = revision.internal_url = revision.metrics_url = ""
+        revision.save(update_fields=["handle", "internal_url", "metrics_url", "updated_at"])
+
+
+def _preflight(deployment: Deployment, runtime: Runtime) -> None:
+    """Refuse a GPU deployment plainly, before anything is built or started, without GPUs."""
+    if deployment.device != Device.GPU:
+        return
+    if isinstance(runtime, DockerRuntime):
+        reason = runtime.gpu_unavailable_reason()
+        engine.engine_facts_record(runtime="docker", gpu_reason=reason)
+    else:
+        reason = _local_gpu_reason()
+    if reason:
+        raise LaunchError(reason, code="gpu_unavailable")
+
+
+def _image_for(revision: Revision, runtime: Runtime) -> str:
+    """The model image to run (containers only): built by the pipeline, or now for a GPU.
+
+    A rollback finds the earlier version's image by its content tag and builds nothing.
+    """
+    if not isinstance(runtime, DockerRuntime):
+        return ""
+    from portal.registry.services import version_image_ensure
+
+    version, device = revision.version, revision.deployment.device
+    known = version.image_ref if device == Device.CPU else ""
+    known = known or str(version.report.get("images", {}).get(device, ""))
+    if known and image_get(runtime.client, known) is not None:
+        return known
+
+    def touch(_line: str) -> None:
+        Revision.objects.filter(pk=revision.pk).update(updated_at=Now())
+
+    return version_image_ensure(version=version, device=device, on_line=touch).ref
+
+
+def _failure_detail(runtime: Runtime, handle: str) -> str:
+    status = runtime.status(handle)
+    detail = f"The instance stopped: {status.detail}. " if status.detail else ""
+    return detail + _log_tail(runtime, handle)
+
+
+def _route_for(deployment: Deployment, revision: Revision) -> Route:
+    upstream = revision.internal_url.split("://", 1)[-1].rstrip("/")
+    return Route(
+        key=f"d{deployment.pk}",
+        prefix=route_prefix(deployment.model.team.slug, deployment.model.name, deployment.name),
+        upstream=upstream,
+        revision=revision.pk,
+    )
+
+
 def _switch(revision: Revision, runtime: Runtime, *, ready_seconds: float, url: str) -> None:
     deployment, version = revision.deployment, revision.version
+    proxy = engine.proxy()
+    switch_note = ""
+    endpoint = f"{url}/v2/models/{deployment.model.name}"
+    if proxy is not None:
+        route = _route_for(deployment, revision)
+        try:
+            proxy.ensure_running()
+            switched = proxy.set_route(route)
+        except ProxyError as exc:
+            _rollout_failed(revision, runtime, f"The proxy did not take the new route: {exc}")
+            return
+        endpoint = f"{proxy.url(route.prefix)}v2/models/{deployment.model.name}"
+        switch_note = f"; route switched in {switched * 1000:.0f} ms"
     with transaction.atomic():
         locked = Deployment.objects.select_for_update().get(pk=deployment.pk)
         previous = locked.current_revision
         revision.mark_live(ready_seconds=ready_seconds)
-        locked.mark_running(revision=revision, endpoint_url=f"{url}/v2/models/{locked.model.name}")
+        locked.mark_running(revision=revision, endpoint_url=endpoint)
         if previous is not None and previous.pk != revision.pk:
             previous.mark_ended(status=RevisionStatus.SUPERSEDED)
         event_record(
@@ -291,11 +395,12 @@ def _switch(revision: Revision, runtime: Runtime, *, ready_seconds: float, url: 
             step="live",
             level=EventLevel.SUCCESS,
             message=f"Version {version.number} is live on {locked.name} "
-            f"(ready and known answer correct in {ready_seconds:.1f} s)",
+            f"(ready and known answer correct in {ready_seconds:.1f} s{switch_note})",
             duration_ms=int(ready_seconds * 1000),
         )
     if previous is not None and previous.pk != revision.pk and previous.handle:
-        runtime.stop(previous.handle, grace_s=10)
+        # The proxy sends nothing new to it; it finishes what it holds, then stops.
+        _runtime_of(previous).stop(previous.handle, grace_s=settings.MODELPORT_DRAIN_S)
     _move_alias(locked, version)
 
 
@@ -336,6 +441,11 @@ def _rollout_failed(revision: Revision, runtime: Runtime, message: str) -> None:
         locked = Deployment.objects.select_for_update().get(pk=deployment.pk)
         revision.mark_failed(message=message)
         keeps = locked.current_revision
+        if keeps is not None and keeps.pk != revision.pk and not _serving(keeps):
+            # What was live has died too (a restart that failed): nothing serves.
+            keeps.mark_failed(message="Its instance stopped and could not be restarted.")
+            locked.current_revision = None
+            keeps = None
         locked.mark_failed(
             message=f"Version {revision.version.number} did not go live: {message}"
             + (f" Version {keeps.version.number} keeps serving." if keeps else "")
@@ -349,6 +459,15 @@ def _rollout_failed(revision: Revision, runtime: Runtime, message: str) -> None:
         )
 
 
+def _serving(revision: Revision) -> bool:
+    if not revision.handle:
+        return False
+    try:
+        return _runtime_of(revision).status(revision.handle).state == InstanceState.RUNNING
+    except DeployerError:
+        return False
+
+
 def _log_tail(runtime: Runtime, handle: str) -> str:
     tail = runtime.logs(handle, tail=15).strip()
     return f"Last log lines:\n{tail}" if tail else "It wrote no log."
@@ -359,12 +478,16 @@ def deployment_teardown(*, deployment_id: int, delete: bool) -> None:
     deployment = Deployment.objects.select_related("model__team").filter(pk=deployment_id).first()
     if deployment is None:
         return
-    runtime = engine.runtime()
+    proxy = engine.proxy()
+    if proxy is not None:
+        # First stop routing: the URL answers 404 from now on, not a dying instance.
+        proxy.remove_route(f"d{deployment.pk}")
     for revision in deployment.revisions.exclude(handle=""):
-        runtime.stop(revision.handle, grace_s=10)
-    for instance in runtime.owned():
-        if instance.deployment_id == deployment.pk:
-            runtime.stop(instance.handle, grace_s=1)
+        _runtime_of(revision).stop(revision.handle, grace_s=settings.MODELPORT_DRAIN_S)
+    for runtime in engine.runtimes_in_use():
+        for instance in runtime.owned():
+            if instance.deployment_id == deployment.pk:
+                runtime.stop(instance.handle, grace_s=1)
     with transaction.atomic():
         for revision in deployment.revisions.filter(
             status__in=[RevisionStatus.LIVE, *WORKING_REVISION_STATUSES]
@@ -395,29 +518,53 @@ def deployment_teardown(*, deployment_id: int, delete: bool) -> None:
 
 
 def deployments_reconcile() -> dict[str, int]:
-    """Compare deployments with the instances the runtime owns and repair the difference.
+    """Compare deployments with the instances the runtimes own and repair the difference.
 
-    Dead live instances are restarted through a new revision, instances nobody
-    wants are stopped, and rollouts or stops that lost their worker are handed
-    back to one (or ended, when out of attempts).
+    Runs on the deploy worker. Dead live instances are restarted through a new
+    revision; instances nobody wants (ours only: by label or state file) are
+    stopped; proxy routes are brought back to what the rows say; rollouts or stops
+    that lost their worker are handed back to one (or ended, when out of attempts).
     """
     from portal.deployments.tasks import deployment_teardown as teardown_task
     from portal.deployments.tasks import revision_rollout as rollout_task
 
-    runtime = engine.runtime()
-    counts = {"restarted": 0, "orphans_stopped": 0, "requeued": 0, "failed": 0}
-    stale = timezone.now() - timedelta(seconds=settings.MODELPORT_STALE_AFTER_S)
-    lost = timezone.now() - timedelta(seconds=60)
+    counts = {
+        "restarted": 0,
+        "orphans_stopped": 0,
+        "requeued": 0,
+        "failed": 0,
+        "routes_changed": 0,
+    }
+    now = timezone.now()
+    stale = now - timedelta(seconds=settings.MODELPORT_STALE_AFTER_S)
+    lost = now - timedelta(seconds=60)
+    runtimes = engine.runtimes_in_use()
+    _record_engine_facts(runtimes)
 
-    wanted: set[str] = set()
-    for revision in Revision.objects.filter(
-        status__in=[RevisionStatus.LIVE, *WORKING_REVISION_STATUSES]
-    ).exclude(handle=""):
-        wanted.add(revision.handle)
-    for instance in runtime.owned():
-        if instance.handle not in wanted:
+    # A working revision is "active" while its worker keeps touching it; its instance
+    # is wanted even before the handle reaches the row (it is labelled with the revision).
+    working = Revision.objects.filter(status__in=WORKING_REVISION_STATUSES)
+    active_ids = set(
+        working.filter(
+            Q(status=RevisionStatus.STARTING, updated_at__gte=stale)
+            | Q(status=RevisionStatus.PENDING, updated_at__gte=lost)
+        ).values_list("pk", flat=True)
+    )
+    wanted = set(
+        Revision.objects.filter(status__in=[RevisionStatus.LIVE, *WORKING_REVISION_STATUSES])
+        .exclude(handle="")
+        .values_list("handle", flat=True)
+    )
+    for runtime in runtimes:
+        for instance in runtime.owned():
+            if instance.handle in wanted or instance.revision_id in active_ids:
+                continue
             runtime.stop(instance.handle, grace_s=5)
             counts["orphans_stopped"] += 1
+        if isinstance(runtime, DockerRuntime) and runtime.owned():
+            runtime.ensure_log_shipper()
+
+    counts["routes_changed"] = _routes_sync(active_ids)
 
     for deployment in Deployment.objects.filter(status=DeploymentStatus.RUNNING).select_related(
         "current_revision__version", "model__team"
@@ -425,17 +572,20 @@ def deployments_reconcile() -> dict[str, int]:
         current = deployment.current_revision
         if current is None or not current.handle:
             continue
-        if runtime.status(current.handle).state == InstanceState.RUNNING:
+        if _serving(current):
             continue
         if deployment.revisions.filter(status__in=WORKING_REVISION_STATUSES).exists():
             continue
+        detail = _runtime_of(current).status(current.handle).detail
         with transaction.atomic():
             event_record(
                 team=deployment.model.team,
                 deployment=deployment,
                 step="reconcile",
                 level=EventLevel.WARNING,
-                message=f"The instance of version {current.version.number} is gone; restarting it",
+                message=f"The instance of version {current.version.number} is gone"
+                + (f" ({detail})" if detail else "")
+                + "; restarting it",
             )
             _start_revision(
                 deployment=deployment,
@@ -448,11 +598,10 @@ def deployments_reconcile() -> dict[str, int]:
     for revision in Revision.objects.filter(
         status__in=WORKING_REVISION_STATUSES, updated_at__lt=lost
     ).select_related("deployment__model__team", "version"):
-        age_limit = stale if revision.status == RevisionStatus.STARTING else lost
-        if revision.updated_at >= age_limit:
+        if revision.pk in active_ids:
             continue
         if revision.attempts >= settings.MODELPORT_TASK_MAX_ATTEMPTS:
-            _rollout_failed(revision, runtime, "No worker finished the rollout.")
+            _rollout_failed(revision, _runtime_of(revision), "No worker finished the rollout.")
             counts["failed"] += 1
         else:
             Revision.objects.filter(pk=revision.pk).update(updated_at=Now())
@@ -466,3 +615,50 @@ def deployments_reconcile() -> dict[str, int]:
         teardown_task.delay(deployment.pk, False)
         counts["requeued"] += 1
     return counts
+
+
+def _routes_sync(active_ids: set[int]) -> int:
+    """Point every route at its deployment's live revision, as the rows say.
+
+    Deployments whose rollout is running now are left to that rollout (it switches
+    their route itself); after a worker died between switching the route and
+    recording it, this puts the route back on the revision the rows call live.
+    """
+    proxy = engine.proxy()
+    if proxy is None:
+        return 0
+    busy = set(Revision.objects.filter(pk__in=active_ids).values_list("deployment_id", flat=True))
+    wanted: dict[str, Route] = {}
+    current = proxy.routes()
+    for deployment in Deployment.objects.exclude(current_revision=None).select_related(
+        "current_revision", "model__team"
+    ):
+        key = f"d{deployment.pk}"
+        if deployment.pk in busy:
+            if key in current:
+                wanted[key] = current[key]
+            continue
+        revision = deployment.current_revision
+        assert revision is not None
+        if revision.status == RevisionStatus.LIVE and revision.internal_url:
+            try:
+                wanted[key] = _route_for(deployment, revision)
+            except ProxyError:
+                log.warning("deployment %s cannot have a route", deployment.pk)
+    try:
+        return proxy.sync(wanted)
+    except ProxyError as exc:
+        log.warning("the proxy routes could not be synchronised: %s", exc)
+        return 0
+
+
+def _record_engine_facts(runtimes: list[Runtime]) -> None:
+    """Tell the web process what the engine can do (it may not ask the engine itself)."""
+    docker = next((r for r in runtimes if isinstance(r, DockerRuntime)), None)
+    if docker is None:
+        engine.engine_facts_record(runtime="local")
+        return
+    try:
+        engine.engine_facts_record(runtime="docker", gpu_reason=docker.gpu_unavailable_reason())
+    except DeployerError as exc:
+        log.warning("the Docker engine could not be asked about GPUs: %s", exc)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
 import shutil
+import time
+from collections.abc import Callable
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -20,7 +23,8 @@ from django.db.models.functions import Coalesce, Now
 from django.utils import timezone
 
 from deployer.errors import DeployerError, TrackingError
-from deployer.tracking import TrackingRequest, track_version
+from deployer.images.build import BuiltImage, EngineUnavailable
+from deployer.tracking import TrackingRequest, record_build, track_version
 from deployer.validate import ValidationRequest, validate_onnx
 from portal.core import engine
 from portal.core.api import Conflict
@@ -177,6 +181,15 @@ def _store(uploaded: UploadedFile, target: Path) -> None:
             out.write(chunk)
 
 
+def file_sha256(path: Path) -> str:
+    """The sha256 of a stored file, read in blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _size(num_bytes: int) -> str:
     value = float(num_bytes)
     for unit in ("bytes", "KB", "MB", "GB"):
@@ -191,7 +204,8 @@ def _size(num_bytes: int) -> str:
 
 def version_claim(*, version_id: int) -> ModelVersion | None:
     """Take a version for processing, counting the attempt; None if nothing is to do."""
-    claimable = [VersionStatus.UPLOADED, *WORKING_VERSION_STATUSES]
+    # A version in the building step belongs to the build task on the deploy queue.
+    claimable = [VersionStatus.UPLOADED, *(WORKING_VERSION_STATUSES - {VersionStatus.BUILDING})]
     claimed = ModelVersion.objects.filter(
         pk=version_id,
         status__in=claimable,
@@ -203,7 +217,9 @@ def version_claim(*, version_id: int) -> ModelVersion | None:
     )
     if claimed:
         return ModelVersion.objects.select_related("model__team").get(pk=version_id)
-    leftover = ModelVersion.objects.filter(pk=version_id).exclude(status__in=FINAL_VERSION_STATUSES)
+    leftover = ModelVersion.objects.filter(pk=version_id).exclude(
+        status__in=[*FINAL_VERSION_STATUSES, VersionStatus.BUILDING]
+    )
     for version in leftover.select_related("model__team"):
         version_give_up(version=version, reason="it kept failing")
     return None
@@ -223,6 +239,9 @@ def version_process(*, version_id: int) -> None:
             _validate(version)
         if not version.mlflow_version:
             _register(version)
+        if engine.builds_images() and not version.image_ref:
+            _queue_build(version)
+            return
     except TrackingError:
         raise
     except DeployerError as exc:
@@ -340,6 +359,162 @@ def _register(version: ModelVersion) -> None:
     )
 
 
+# ---------------------------------------------------------------- image build (containers)
+
+
+def _queue_build(version: ModelVersion) -> None:
+    """Hand the version to the deploy worker, the only process that talks to Docker."""
+    from portal.deployments.tasks import version_build as version_build_task
+
+    version.advance(status=VersionStatus.BUILDING, step="build", progress=80)
+    # The build counts its own attempts: a pipeline retry is not a failed build.
+    ModelVersion.objects.filter(pk=version.pk).update(attempts=0)
+    transaction.on_commit(partial(version_build_task.delay, version.pk))
+
+
+def version_build(*, version_id: int) -> None:
+    """The building step: make the version's model image, record its size and build time.
+
+    Runs on the deploy worker. Idempotent: the image is tagged by content, so a
+    retry after a crash finds or finishes the same image and never makes a second.
+    Raises ``EngineUnavailable`` when Docker does not answer (the task retries).
+    """
+    claimed = ModelVersion.objects.filter(
+        pk=version_id,
+        status=VersionStatus.BUILDING,
+        attempts__lt=settings.MODELPORT_TASK_MAX_ATTEMPTS,
+    ).update(attempts=F("attempts") + 1, updated_at=Now())
+    version = ModelVersion.objects.select_related("model__team").filter(pk=version_id).first()
+    if version is None or not claimed:
+        if version is not None and version.status == VersionStatus.BUILDING:
+            version_give_up(version=version, reason="the image build kept failing")
+        return
+    if engine.runtime_name() != "docker":
+        version.mark_ready()
+        event_record(
+            team=version.model.team,
+            version=version,
+            step="ready",
+            level=EventLevel.SUCCESS,
+            message=f"Version {version.number} is ready to deploy (no Docker engine here: "
+            "it will run as a local process)",
+        )
+        return
+    timer = StepTimer()
+    try:
+        built = version_image_ensure(version=version, device="cpu", on_line=_BuildLog(version))
+    except EngineUnavailable:
+        raise
+    except DeployerError as exc:
+        _fail(version, code=exc.code, message=exc.message)
+        return
+    figures = {
+        "image_build_seconds": round(timer.ms / 1000, 3),
+        "image_size_bytes": built.size_bytes,
+        "image_model_layer_bytes": built.own_layer_bytes,
+    }
+    version.refresh_from_db(fields=["report"])
+    version.image_ref = built.ref
+    version.report = {
+        **version.report,
+        "image": {"ref": built.ref, "id": built.image_id, **figures},
+    }
+    version.save(update_fields=["image_ref", "report", "updated_at"])
+    verb = "Found the identical image" if built.cached else "Built image"
+    event_record(
+        team=version.model.team,
+        version=version,
+        step="build",
+        message=f"{verb} {built.ref}: model layer {_size(built.own_layer_bytes)}, image "
+        f"{_size(built.size_bytes)}",
+        duration_ms=timer.ms,
+        data=figures,
+    )
+    if version.mlflow_run_id:
+        try:
+            record_build(
+                engine.tracking_target(),
+                version.mlflow_run_id,
+                metrics={key: float(value) for key, value in figures.items()},
+                tags={"modelport_image": built.ref},
+            )
+        except TrackingError as exc:
+            event_record(
+                team=version.model.team,
+                version=version,
+                step="build",
+                level=EventLevel.WARNING,
+                message=f"The build figures were not recorded in MLflow: {exc.message}",
+            )
+    version.mark_ready()
+    event_record(
+        team=version.model.team,
+        version=version,
+        step="ready",
+        level=EventLevel.SUCCESS,
+        message=f"Version {version.number} is ready to deploy",
+    )
+
+
+def version_image_ensure(
+    *, version: ModelVersion, device: str, on_line: Callable[[str], None]
+) -> BuiltImage:
+    """The version's model image for ``device``, built unless identical content exists."""
+    served = version.served_model_path
+    if served is None or not served.is_file():
+        raise DeployerError(f"Version {version.number} has no served model file to package.")
+    model = version.model
+    built = engine.model_image(
+        model_path=served,
+        sha256=file_sha256(served),
+        device=device,
+        labels={
+            "modelport.team": model.team.slug,
+            "modelport.model": model.name,
+            "modelport.version": str(version.number),
+            "modelport.version-uid": str(version.uid),
+        },
+        log=on_line,
+    )
+    with transaction.atomic():
+        locked = ModelVersion.objects.select_for_update().get(pk=version.pk)
+        images = {**locked.report.get("images", {}), device: built.ref}
+        locked.report = {**locked.report, "images": images}
+        locked.save(update_fields=["report", "updated_at"])
+    version.report = locked.report
+    return built
+
+
+class _BuildLog:
+    """Receives build lines: all go to the version's build.log, the milestones to the timeline."""
+
+    MILESTONES = ("Building", "Built", "Downloading wheels", "Wheelhouse", "Pulling", "Using")
+
+    def __init__(self, version: ModelVersion) -> None:
+        self.version = version
+        self.path = version.storage_dir / "build.log"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("")
+        self.touched = 0.0
+
+    def __call__(self, line: str) -> None:
+        with self.path.open("a", encoding="utf-8") as out:
+            out.write(line + "\n")
+        step = re.match(r"^Step (\d+)/(\d+) : (\w+)", line)
+        if (step and step.group(3) != "LABEL") or line.startswith(self.MILESTONES):
+            event_record(
+                team=self.version.model.team,
+                version=self.version,
+                step="build",
+                message=line[:500],
+            )
+        now = time.monotonic()
+        if now - self.touched > 5:
+            # A long build is still alive: reconcile must not hand it to another worker.
+            self.touched = now
+            ModelVersion.objects.filter(pk=self.version.pk).update(updated_at=Now())
+
+
 def _fail(version: ModelVersion, *, code: str, message: str) -> None:
     step = version.step or "pipeline"
     version.mark_failed(code=code, message=message)
@@ -357,7 +532,13 @@ def version_give_up(*, version: ModelVersion, reason: str) -> None:
     """End a version that cannot finish, with a message that says what happened."""
     if version.status in FINAL_VERSION_STATUSES:
         return
-    if version.status == VersionStatus.REGISTERING:
+    if version.status == VersionStatus.BUILDING:
+        message = (
+            f"The model image could not be built after {version.attempts} attempts ({reason}). "
+            "Check the Docker engine on the deploy worker's host, then upload the file again."
+        )
+        code = "build_failed"
+    elif version.status == VersionStatus.REGISTERING:
         message = (
             f"MLflow could not record this version after {version.attempts} attempts ({reason}). "
             "Check the MLflow server and upload the file again."
@@ -374,8 +555,6 @@ def version_give_up(*, version: ModelVersion, reason: str) -> None:
 
 def versions_reconcile() -> dict[str, int]:
     """Hand lost or stuck versions back to a worker, or end them when out of attempts."""
-    from portal.registry.tasks import version_process as version_process_task
-
     now = timezone.now()
     stale = now - timedelta(seconds=settings.MODELPORT_STALE_AFTER_S)
     lost = now - timedelta(seconds=60)
@@ -390,6 +569,16 @@ def versions_reconcile() -> dict[str, int]:
             counts["failed"] += 1
         else:
             ModelVersion.objects.filter(pk=version.pk).update(updated_at=now)
-            version_process_task.delay(version.pk)
+            _requeue(version)
             counts["requeued"] += 1
     return counts
+
+
+def _requeue(version: ModelVersion) -> None:
+    from portal.deployments.tasks import version_build as version_build_task
+    from portal.registry.tasks import version_process as version_process_task
+
+    if version.status == VersionStatus.BUILDING:
+        version_build_task.delay(version.pk)
+    else:
+        version_process_task.delay(version.pk)

@@ -1,0 +1,126 @@
+"""Real image builds on the Docker engine: base, runtime once per version, model by content."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deployer.images import (
+    BaseImageSpec,
+    InvalidImageName,
+    ModelImageRequest,
+    base_image_ensure,
+    docker_client,
+    image_build,
+    model_image_ensure,
+    runtime_image_ensure,
+)
+from tests.onnx_models import linear_model
+
+MB = 1024 * 1024
+
+
+@pytest.fixture
+def client(docker_engine: None) -> Iterator[Any]:
+    client = docker_client()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def model_file(tmp_path: Path) -> tuple[Path, str]:
+    path = tmp_path / "model.onnx"
+    linear_model(path, seed=random.randrange(1 << 30))  # new content: a real first build
+    return path, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_base_image_is_the_setting_or_a_local_build(client: Any) -> None:
+    spec = BaseImageSpec()
+    ref = base_image_ensure(spec, client=client)
+    # No registry here: python:3.11-slim cannot be pulled, the debootstrap build stands in.
+    assert ref in (spec.image, spec.local_image)
+    image = client.images.get(ref)
+    assert image.attrs["Os"] == "linux"
+    out = client.containers.run(
+        ref, ["python3", "-c", "import sys, venv; print(sys.version_info[:2])"], remove=True
+    )
+    assert out.decode().strip() == "(3, 11)"
+
+
+def test_runtime_image_is_built_once_per_runtime_version(runtime_image: Any, client: Any) -> None:
+    from portal.core import engine
+
+    again = runtime_image_ensure(engine.image_config(), device="cpu", client=client)
+    assert again.image.cached
+    assert again.ref == runtime_image.ref
+    assert again.image.image_id == runtime_image.image.image_id
+    config = client.images.get(again.ref).attrs["Config"]
+    assert config["User"] == "10001:10001"
+    assert config["Entrypoint"] == ["/opt/modelport/bin/python", "-m", "deployer.serving"]
+    assert config["Labels"]["modelport.kind"] == "runtime"
+    assert config["Labels"]["modelport.runtime-version"] == runtime_image.version
+    # Offline and pinned: what runs in the image is what validated models here.
+    from importlib.metadata import version
+
+    out = client.containers.run(
+        again.ref,
+        entrypoint=["python", "-c", "import onnxruntime, numpy; print(onnxruntime.__version__)"],
+        remove=True,
+        network_mode="none",
+    )
+    assert out.decode().strip() == version("onnxruntime")
+
+
+def test_model_image_is_the_runtime_plus_one_small_layer_tagged_by_content(
+    runtime_image: Any, client: Any, model_file: tuple[Path, str]
+) -> None:
+    from portal.core import engine
+
+    path, sha = model_file
+    config = engine.image_config()
+    lines: list[str] = []
+    request = ModelImageRequest(path, sha, runtime_image, labels={"modelport.version": "7"})
+    built = model_image_ensure(config, request, log=lines.append, client=client)
+    try:
+        assert not built.cached
+        assert any(line.startswith("Step 1/") for line in lines), lines
+        assert built.ref.startswith(f"modelport/model:{sha[:16]}-cpu-")
+        assert built.own_layer_bytes <= path.stat().st_size + MB
+        assert built.size_bytes - runtime_image.image.size_bytes <= path.stat().st_size + MB
+        assert built.labels["modelport.model-sha256"] == sha
+        assert built.labels["modelport.version"] == "7"
+
+        # Same content again: nothing is built, whatever the labels say.
+        again = model_image_ensure(
+            config, ModelImageRequest(path, sha, runtime_image, labels={"modelport.version": "8"})
+        )
+        assert again.cached
+        assert again.image_id == built.image_id
+
+        listing = client.containers.run(
+            built.ref, entrypoint=["ls", "-ln", "/model"], remove=True, network_mode="none"
+        ).decode()
+        # Owned by root, readable by the runtime's user, not writable by it.
+        assert "-rw-r--r-- 1 0 0" in listing
+        assert "model.onnx" in listing
+        assert "config.json" in listing
+    finally:
+        client.images.remove(built.ref, force=True)
+
+
+def test_user_text_never_becomes_build_input(tmp_path: Path, client: Any) -> None:
+    (tmp_path / "Dockerfile").write_text("FROM scratch\n")
+    for ref, labels in [
+        ("modelport/x:$(id)", {}),
+        ("modelport/x:ok", {"modelport.note": "a\nRUN id"}),
+        ("modelport/x:ok", {"Bad Key": "v"}),
+    ]:
+        with pytest.raises(InvalidImageName):
+            image_build(tmp_path, ref=ref, labels=labels, client=client)
+    with pytest.raises(InvalidImageName):
+        image_build(tmp_path, ref="modelport/x:ok", build_args={"X": "a b"}, client=client)
