@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -88,6 +89,12 @@ def _stop_containers_and_proxy(data_dir: Path) -> None:
         try:
             for instance in runtime.owned():
                 runtime.stop(instance.handle, grace_s=1)
+            # Model images this run built (the shared runtime image stays cached).
+            label = f"modelport.installation={runtime.settings.installation}"
+            for image in runtime.client.images.list(filters={"label": label}):
+                for tag in image.tags:
+                    with contextlib.suppress(Exception):
+                        runtime.client.images.remove(tag)
         except DeployerError:
             pass
     proxy_dir = data_dir / "proxy"
@@ -226,6 +233,21 @@ class Worker:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def kill(self) -> None:
+        """SIGKILL the worker and its pool processes, as a crash would."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        """Stop the worker cleanly (or kill it if it does not stop)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
 
 @pytest.fixture
 def celery_worker(
@@ -256,7 +278,16 @@ def celery_worker(
         "PYTHONUNBUFFERED": "1",
     }
     settings.MLFLOW_TRACKING_URI = mlflow_server
-    log = tmp_path / "worker.log"
+    worker = start_worker(env, tmp_path / "worker.log")
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        _stop_local_instances(Path(settings.DATA_DIR))
+
+
+def start_worker(env: dict[str, str], log: Path) -> Worker:
+    """Start a Celery worker on both queues and wait until it is ready."""
     process = subprocess.Popen(
         [
             str(BIN / "celery"),
@@ -268,7 +299,7 @@ def celery_worker(
             "-c",
             "2",
             "-n",
-            f"test-{os.getpid()}@%h",
+            f"test-{os.getpid()}-{log.stem}@%h",
             "--loglevel",
             "INFO",
             "--without-mingle",
@@ -285,18 +316,7 @@ def celery_worker(
         if process.poll() is not None or time.monotonic() > deadline:
             pytest.fail(f"the Celery worker did not start:\n{log.read_text()[-3000:]}")
         time.sleep(0.3)
-    worker = Worker(process=process, log=log, env=env)
-    try:
-        yield worker
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-        _stop_local_instances(Path(settings.DATA_DIR))
+    return Worker(process=process, log=log, env=env)
 
 
 def wait_for(

@@ -10,6 +10,7 @@ time, so no mirror is ever written into the code.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -176,7 +177,28 @@ def base_image_build(
     mirror = mirror or apt_mirror(suite)
     client = client or docker_client(timeout_s=600)
     started = time.monotonic()
-    scratch = Path(tempfile.mkdtemp(prefix="modelport-base-", dir=work_dir))
+    prefix = f"modelport-base-{hashlib.sha256(ref.encode()).hexdigest()[:12]}-"
+    root = work_dir or Path(tempfile.gettempdir())
+    root.mkdir(parents=True, exist_ok=True)
+    with build_lock(root, f"base-{ref}"):
+        # A build killed half-way (worker crash) left its root file system here.
+        for leftover in root.glob(f"{prefix}*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        return _build_locked(ref, suite, mirror, root, prefix, debootstrap, log, client, started)
+
+
+def _build_locked(
+    ref: str,
+    suite: str,
+    mirror: str,
+    root: Path,
+    prefix: str,
+    debootstrap: str,
+    log: LogSink,
+    client: Any,
+    started: float,
+) -> BuiltImage:
+    scratch = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
     rootfs = scratch / "rootfs"
     try:
         log(f"debootstrap {suite} (minbase + {', '.join(PACKAGES)})")

@@ -124,6 +124,7 @@ def image_config() -> ImageConfig:
             image=settings.MODELPORT_BASE_IMAGE,
             local_image=settings.MODELPORT_LOCAL_BASE_IMAGE,
             build_locally=settings.MODELPORT_BASE_IMAGE_BUILD,
+            work_dir=Path(settings.MODELPORT_IMAGE_CACHE_DIR) / "scratch",
         ),
         gpu_onnxruntime=settings.MODELPORT_GPU_ONNXRUNTIME,
     )

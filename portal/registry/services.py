@@ -469,6 +469,7 @@ def version_image_ensure(
         sha256=file_sha256(served),
         device=device,
         labels={
+            "modelport.installation": settings.MODELPORT_INSTALLATION_ID,
             "modelport.team": model.team.slug,
             "modelport.model": model.name,
             "modelport.version": str(version.number),
