@@ -1,9 +1,10 @@
-"""Run the whole portal on one machine: web, workers, beat and an MLflow server.
+"""Run the whole portal on one machine: web, workers, beat, an MLflow server, nginx.
 
 ``python -m portal.stack`` (what ``make run`` calls) prepares the database, creates
-the first administrator, starts every process, prefixes their output with their
-name, and on Ctrl-C (or SIGTERM) stops them all, serving instances included. If
-one of them dies, the others are stopped too, so nothing is left half-running.
+the first administrator, starts nginx for stable deployment URLs when it is
+installed, starts every process, prefixes their output with their name, and on
+Ctrl-C (or SIGTERM) stops them all, serving instances and nginx included. If one of
+them dies, the others are stopped too, so nothing is left half-running.
 """
 
 from __future__ import annotations
@@ -163,20 +164,50 @@ def _stop_all(services: list[Service]) -> None:
         process.wait()
 
 
-def _stop_serving_instances(env: dict[str, str]) -> int:
-    """Stop the local serving instances; reconcile restarts them on the next start."""
+def _django(env: dict[str, str]) -> None:
     os.environ.update(env)
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
     import django
 
     django.setup()
+
+
+def _start_proxy(env: dict[str, str]) -> str:
+    """Start the managed nginx (stable deployment URLs) when there is one; its URL or ""."""
+    _django(env)
+    from deployer.errors import DeployerError
     from portal.core import engine
 
-    runtime = engine.runtime()
-    owned = runtime.owned()
-    for instance in owned:
-        runtime.stop(instance.handle, grace_s=5)
-    return len(owned)
+    proxy = engine.proxy()
+    if proxy is None or not proxy.managed:
+        return ""
+    try:
+        proxy.ensure_running()
+    except DeployerError as exc:
+        print(f"nginx did not start ({exc}); deployments get direct URLs.", flush=True)
+        return ""
+    return proxy.public_url
+
+
+def _stop_serving_instances(env: dict[str, str]) -> int:
+    """Stop the serving instances and the proxy; reconcile restarts them on the next start."""
+    _django(env)
+    from deployer.errors import DeployerError
+    from portal.core import engine
+
+    stopped = 0
+    try:
+        for runtime in engine.runtimes_in_use():
+            owned = runtime.owned()
+            for instance in owned:
+                runtime.stop(instance.handle, grace_s=5)
+            stopped += len(owned)
+    except DeployerError as exc:
+        print(f"Some serving instances could not be stopped: {exc}", flush=True)
+    proxy = engine.proxy()
+    if proxy is not None and proxy.managed:
+        proxy.stop()
+    return stopped
 
 
 def main() -> int:
@@ -198,6 +229,7 @@ def main() -> int:
     _manage("collectstatic", "--no-input", "-v", "0", env=env)
     _manage("bootstrap", env=env)
 
+    proxy_url = _start_proxy(env)
     services = _services(env, data_dir, bind, mlflow_port)
     stopping = threading.Event()
 
@@ -230,8 +262,9 @@ def main() -> int:
     host, _, port = bind.rpartition(":")
     print(
         f"\nModelPort is starting at http://{host or '127.0.0.1'}:{port}/ "
-        f"(MLflow UI: {env.get('MODELPORT_MLFLOW_UI_URL', 'not started')}). "
-        "Press Ctrl-C to stop everything.\n",
+        f"(MLflow UI: {env.get('MODELPORT_MLFLOW_UI_URL', 'not started')}"
+        + (f"; deployments at {proxy_url}/<team>/<model>/<deployment>/" if proxy_url else "")
+        + "). Press Ctrl-C to stop everything.\n",
         flush=True,
     )
     exit_code = 0

@@ -226,16 +226,25 @@ class NginxProxy:
         """
         url = f"{self.check_url}{route.prefix}v2/health/ready"
         deadline = time.monotonic() + timeout_s
-        seen = ""
+        # A managed nginx was watched until its old workers stopped accepting. An
+        # external one cannot be watched: its old workers may take a new connection
+        # for a moment after the reload, so every answer must agree for a while.
+        settle_s = 0.0 if self.managed else 0.5
+        seen, agreed_since = "", 0.0
         while time.monotonic() < deadline:
             try:
                 response = requests.get(url, timeout=2)
                 revision = response.headers.get(REVISION_HEADER, "")
                 if revision == str(route.revision) and response.status_code == 200:
-                    return
+                    agreed_since = agreed_since or time.monotonic()
+                    if time.monotonic() - agreed_since >= settle_s:
+                        return
+                    time.sleep(0.01)
+                    continue
                 seen = f"HTTP {response.status_code} from revision {revision or 'none'}"
             except requests.RequestException as exc:
                 seen = f"no answer ({type(exc).__name__})"
+            agreed_since = 0.0
             time.sleep(0.02)
         raise ProxyError(
             f"The proxy did not switch {route.prefix} to revision {route.revision} within "

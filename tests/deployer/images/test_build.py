@@ -124,3 +124,20 @@ def test_user_text_never_becomes_build_input(tmp_path: Path, client: Any) -> Non
             image_build(tmp_path, ref=ref, labels=labels, client=client)
     with pytest.raises(InvalidImageName):
         image_build(tmp_path, ref="modelport/x:ok", build_args={"X": "a b"}, client=client)
+
+
+@pytest.mark.django_db
+def test_build_base_image_command_finds_an_existing_image(client: Any) -> None:
+    from io import StringIO
+
+    from django.conf import settings
+    from django.core.management import call_command
+
+    base_image_ensure(BaseImageSpec(), client=client)
+    tags = {t for i in client.images.list() for t in i.tags}
+    tag = settings.MODELPORT_LOCAL_BASE_IMAGE
+    if tag not in tags:
+        pytest.skip(f"{tag} is not here ({settings.MODELPORT_BASE_IMAGE} is used instead)")
+    out = StringIO()
+    call_command("build_base_image", stdout=out)
+    assert "already exists" in out.getvalue()
