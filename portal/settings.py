@@ -7,10 +7,12 @@ local serving processes. Real services are configured by environment variables.
 
 from __future__ import annotations
 
+import re
 import secrets
 from pathlib import Path
 
 import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
 
 from portal.env import (
     env_bool,
@@ -273,6 +275,11 @@ def _installation_id() -> str:
 
 
 MODELPORT_INSTALLATION_ID = _installation_id()
+if not re.fullmatch(r"[a-z0-9]{4,32}", MODELPORT_INSTALLATION_ID):
+    raise ImproperlyConfigured(
+        f"MODELPORT_INSTALLATION_ID={MODELPORT_INSTALLATION_ID!r} must be 4-32 lower-case "
+        "letters and digits"
+    )
 # Images (Docker runtime): the base image, where ModelPort's images are named, caches.
 MODELPORT_BASE_IMAGE = env_str("MODELPORT_BASE_IMAGE", "python:3.11-slim")
 MODELPORT_LOCAL_BASE_IMAGE = env_str(

@@ -327,6 +327,23 @@ class DockerRuntime:
             )
         _write_pid(pid_file, process.pid)
 
+    def prune_log_files(self, *, max_age_s: float = 7 * 24 * 3600) -> int:
+        """Delete saved logs of containers that are gone, once they are ``max_age_s`` old."""
+        log_dir = self.settings.log_dir
+        if not log_dir.is_dir():
+            return 0
+        kept = {instance.handle for instance in self.owned()}
+        removed = 0
+        now = time.time()
+        for path in log_dir.glob("*.log"):
+            if path.stem in kept or path.name == "shipper.log":
+                continue
+            with contextlib.suppress(OSError):
+                if now - path.stat().st_mtime > max_age_s:
+                    path.unlink()
+                    removed += 1
+        return removed
+
     # ------------------------------------------------------------ helpers
     def container_name(self, revision_id: int) -> str:
         """One name per revision: the engine refuses a second container for it."""

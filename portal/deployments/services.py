@@ -561,8 +561,10 @@ def deployments_reconcile() -> dict[str, int]:
                 continue
             runtime.stop(instance.handle, grace_s=5)
             counts["orphans_stopped"] += 1
-        if isinstance(runtime, DockerRuntime) and runtime.owned():
-            runtime.ensure_log_shipper()
+        if isinstance(runtime, DockerRuntime):
+            if runtime.owned():
+                runtime.ensure_log_shipper()
+            runtime.prune_log_files()
 
     counts["routes_changed"] = _routes_sync(active_ids)
 
