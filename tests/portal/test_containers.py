@@ -271,7 +271,8 @@ def test_gpu_deployment_is_refused_plainly_on_an_engine_without_nvidia(
     assert NO_GPU_RUNTIME in deployment.error
     assert "could not select device driver" not in deployment.error
     assert revision.handle == ""
-    assert not client.containers.list(all=True, filters={"label": "modelport.deployment"})
+    ours = f"{MANAGED}={settings.MODELPORT_INSTALLATION_ID}"
+    assert not client.containers.list(all=True, filters={"label": ours})
     assert {i.id for i in client.images.list()} == images_before
 
     # What it found is recorded, so the web process refuses the next request at once.

@@ -63,6 +63,7 @@ def test_auto_falls_back_to_local_processes_without_an_engine(
 
 def test_the_web_reads_gpu_facts_from_the_deploy_worker(settings: Any) -> None:
     settings.MODELPORT_RUNTIME = "docker"
+    (Path(settings.DATA_DIR) / "runtime" / "engine.json").unlink(missing_ok=True)
     assert services.gpu_unavailable_reason() == ""  # nothing known yet: the worker checks
     engine.engine_facts_record(runtime="docker", gpu_reason="no NVIDIA runtime here")
     assert services.gpu_unavailable_reason() == "no NVIDIA runtime here"
