@@ -437,6 +437,7 @@ def _rollout_failed(revision: Revision, runtime: Runtime, message: str) -> None:
     if revision.handle:
         runtime.stop(revision.handle, grace_s=1)
     deployment = revision.deployment
+    dead = None
     with transaction.atomic():
         locked = Deployment.objects.select_for_update().get(pk=deployment.pk)
         revision.mark_failed(message=message)
@@ -445,7 +446,7 @@ def _rollout_failed(revision: Revision, runtime: Runtime, message: str) -> None:
             # What was live has died too (a restart that failed): nothing serves.
             keeps.mark_failed(message="Its instance stopped and could not be restarted.")
             locked.current_revision = None
-            keeps = None
+            dead, keeps = keeps, None
         locked.mark_failed(
             message=f"Version {revision.version.number} did not go live: {message}"
             + (f" Version {keeps.version.number} keeps serving." if keeps else "")
@@ -457,6 +458,8 @@ def _rollout_failed(revision: Revision, runtime: Runtime, message: str) -> None:
             level=EventLevel.ERROR,
             message=locked.error,
         )
+    if dead is not None and dead.handle:
+        _runtime_of(dead).stop(dead.handle, grace_s=1)
 
 
 def _serving(revision: Revision) -> bool:

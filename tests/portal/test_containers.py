@@ -360,3 +360,32 @@ def test_a_container_that_runs_out_of_memory_says_so(
         timeout_s=10,
     )
     assert "exit code 137" in status.detail
+
+
+def test_a_dead_container_that_cannot_be_restarted_fails_the_deployment(
+    personas: Personas, docker_versions: list
+) -> None:
+    (v1, _, _), _ = docker_versions
+    deployment = _deploy(v1, personas.bob.user)
+    live = deployment.current_revision
+    assert live is not None
+    docker_client().containers.get(live.handle).kill()
+    # The restarted instance will answer, but not what was recorded.
+    inputs = dict(np.load(v1.known_answer_path))
+    inputs["output:output"] = inputs["output:output"] + 1.0
+    np.savez(v1.known_answer_path, **inputs)
+
+    assert services.deployments_reconcile()["restarted"] == 1
+    restart = Revision.objects.get(deployment=deployment, kind=RevisionKind.RESTART)
+    services.revision_rollout(revision_id=restart.pk)
+    deployment.refresh_from_db()
+    live.refresh_from_db()
+    assert deployment.status == DeploymentStatus.FAILED
+    assert deployment.current_revision is None
+    assert "differs from the known answer" in deployment.error
+    assert live.status == RevisionStatus.FAILED
+    assert engine.runtime().owned() == []
+    # Nothing serves, so nothing is routed; reconcile does not loop on it either.
+    assert services.deployments_reconcile()["restarted"] == 0
+    response = requests.get(deployment.endpoint_url, timeout=5)
+    assert response.status_code == 404
