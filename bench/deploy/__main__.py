@@ -182,16 +182,18 @@ def main(argv: list[str] | None = None) -> int:
         assert response.status_code == 200
         return time.monotonic() - t0
 
+    # New weights every run, so every model image is really built (never found cached).
+    base_seed = int(time.time())
     # Warm-up (not counted): MLflow store, first nginx start, first container.
-    previous, _ = upload(seed=1000)
-    previous_local, _ = upload(seed=2000, runtime_name="local")
+    previous, _ = upload(seed=base_seed + 1000)
+    previous_local, _ = upload(seed=base_seed + 2000, runtime_name="local")
     rows = []
     try:
         for repeat in range(args.repeats):
-            version, marks = upload(seed=repeat)
+            version, marks = upload(seed=base_seed + repeat)
             marks["rollback"] = rollback(previous)
             # The same steps side by side on local processes (no image, no container).
-            local_version, local = upload(seed=100 + repeat, runtime_name="local")
+            local_version, local = upload(seed=base_seed + 100 + repeat, runtime_name="local")
             marks["local_ready"], marks["local_serving"] = local["ready"], local["serving"]
             marks["local_rollback"] = rollback(previous_local, runtime_name="local")
             image = version.report["image"]
