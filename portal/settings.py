@@ -316,6 +316,29 @@ MODELPORT_TASK_MAX_ATTEMPTS = env_int("MODELPORT_TASK_MAX_ATTEMPTS", 3, minimum=
 # A row left in a working state this long without progress is handed back to a worker.
 MODELPORT_STALE_AFTER_S = env_int("MODELPORT_STALE_AFTER_S", 900, minimum=30)
 
+# ---------------------------------------------------------------- Conversion (issue 3)
+# Where uploads that are not ONNX are loaded and converted: auto (a throwaway container
+# when this worker reaches a Docker engine, else a limited child process), docker
+# (containers only; fail without an engine) or local (never containers).
+MODELPORT_CONVERSION_SANDBOX = env_choice(
+    "MODELPORT_CONVERSION_SANDBOX", "auto", ("auto", "docker", "local")
+)
+# Without a container, pickle/joblib/TorchScript/.pt2 files (which run code when loaded)
+# are refused unless the operator trusts every uploader and switches this on.
+MODELPORT_CONVERSION_TRUSTED_LOCAL = env_bool("MODELPORT_CONVERSION_TRUSTED_LOCAL", False)
+MODELPORT_CONVERSION_MEMORY_MB = env_int("MODELPORT_CONVERSION_MEMORY_MB", 4096, minimum=256)
+MODELPORT_CONVERSION_TIMEOUT_S = env_int("MODELPORT_CONVERSION_TIMEOUT_S", 900, minimum=5)
+MODELPORT_CONVERSION_CPUS = env_float("MODELPORT_CONVERSION_CPUS", 1.0)
+MODELPORT_CONVERSION_PIDS_LIMIT = env_int("MODELPORT_CONVERSION_PIDS_LIMIT", 256, minimum=16)
+MODELPORT_CONVERSION_TMPFS_MB = env_int("MODELPORT_CONVERSION_TMPFS_MB", 1024, minimum=16)
+# The check's default tolerance per output datatype, DATATYPE=ATOL/RTOL (uploads may override).
+MODELPORT_CONVERSION_TOLERANCES = env_str(
+    "MODELPORT_CONVERSION_TOLERANCES", "FP64=1e-7/1e-6,FP32=1e-4/1e-3,FP16=1e-2/1e-2"
+)
+# Archives (.zip/.tar.gz with an ONNX model and its external data).
+MODELPORT_ARCHIVE_MAX_MB = env_int("MODELPORT_ARCHIVE_MAX_MB", 8192, minimum=1)
+MODELPORT_ARCHIVE_MAX_ENTRIES = env_int("MODELPORT_ARCHIVE_MAX_ENTRIES", 1000, minimum=1)
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

@@ -157,12 +157,13 @@ def resolve(path: Path, *, stated: str = "", file_name: str = "") -> Detection:
                 code="format_mismatch",
             )
         return found
-    if path.stat().st_size == 0 and claimed not in ONNX_FORMATS:
+    fallback = claimed or _by_extension(file_name or path.name)
+    # An empty .onnx goes on to validation, which says the same in ONNX's words.
+    if path.stat().st_size == 0 and fallback not in ONNX_FORMATS:
         raise InvalidModel(
             "The uploaded file is empty (0 bytes). Upload the model file your training code wrote.",
             code="empty_file",
         )
-    fallback = claimed or _by_extension(file_name or path.name)
     if fallback is not None:
         how = "as stated" if claimed is not None else "by its file name"
         return Detection(fallback, f"{found.evidence}; taken {how}")

@@ -111,6 +111,7 @@ class VersionListView(APIView):
             file=fields["file"],
             source_format=fields.get("format") or "",
             sample=fields.get("sample_input"),
+            options=data.options(),
             user=access.user,
         )
         return Response(VersionSerializer(version).data, status=status.HTTP_202_ACCEPTED)

@@ -30,3 +30,9 @@ class SourceFormat(models.TextChoices):
     """The format a version was uploaded in."""
 
     ONNX = "onnx", "ONNX"
+    ONNX_ARCHIVE = "onnx_archive", "ONNX with external data (.zip/.tar.gz)"
+    TORCHSCRIPT = "torchscript", "PyTorch TorchScript"
+    TORCH_EXPORT = "torch_export", "PyTorch torch.export (.pt2)"
+    SKOPS = "skops", "scikit-learn (skops)"
+    PICKLE = "pickle", "scikit-learn (pickle)"
+    JOBLIB = "joblib", "scikit-learn (joblib)"

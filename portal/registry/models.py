@@ -56,7 +56,8 @@ class ModelVersion(models.Model):
     model = models.ForeignKey(Model, on_delete=models.CASCADE, related_name="versions")
     number = models.PositiveIntegerField()
     uid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
-    source_format = models.CharField(max_length=32, choices=SourceFormat.choices)
+    # Blank until the pipeline's detect step reads the file (unless the uploader stated it).
+    source_format = models.CharField(max_length=32, choices=SourceFormat.choices, blank=True)
     file_name = models.CharField(max_length=255)
     size_bytes = models.BigIntegerField()
     sha256 = models.CharField(max_length=64, db_index=True)
@@ -75,6 +76,8 @@ class ModelVersion(models.Model):
 
     signature = models.JSONField(default=dict, blank=True)
     report = models.JSONField(default=dict, blank=True)
+    # The uploader's conversion options (deployer.convert.report.ConversionOptions fields).
+    options = models.JSONField(default=dict, blank=True)
     mlflow_run_id = models.CharField(max_length=64, blank=True)
     mlflow_version = models.CharField(max_length=32, blank=True)
     image_ref = models.CharField(max_length=255, blank=True)

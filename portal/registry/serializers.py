@@ -105,5 +105,61 @@ class VersionSerializer(serializers.ModelSerializer[ModelVersion]):
 
 class VersionUploadSerializer(serializers.Serializer[Any]):
     file = serializers.FileField(allow_empty_file=True, use_url=False)
-    format = serializers.ChoiceField(choices=SourceFormat.choices, required=False, allow_blank=True)
+    format = serializers.ChoiceField(
+        choices=SourceFormat.choices,
+        required=False,
+        allow_blank=True,
+        help_text="Leave empty to detect the format from the file's content.",
+    )
     sample_input = serializers.FileField(required=False, use_url=False)
+    # Conversion options (stored on the version as ``options``).
+    opset = serializers.IntegerField(
+        required=False,
+        allow_null=True,
+        min_value=7,
+        max_value=30,
+        help_text="ONNX opset to convert to; empty: the newest the serving onnxruntime and the "
+        "converter share.",
+    )
+    atol = serializers.FloatField(
+        required=False,
+        allow_null=True,
+        min_value=0,
+        help_text="Absolute tolerance of the check for float outputs (default per datatype).",
+    )
+    rtol = serializers.FloatField(
+        required=False,
+        allow_null=True,
+        min_value=0,
+        help_text="Relative tolerance of the check for float outputs (default per datatype).",
+    )
+    quantize = serializers.ChoiceField(
+        choices=[("", "none"), ("dynamic_int8", "dynamic int8")],
+        required=False,
+        allow_blank=True,
+        help_text="Also try dynamic int8 quantization, served when it passes its own check.",
+    )
+    optimize = serializers.BooleanField(
+        required=False,
+        default=True,
+        help_text="Serve onnxruntime's optimized model when it passes the same check.",
+    )
+    dynamic_batch = serializers.BooleanField(
+        required=False, default=True, help_text="Export PyTorch models with a free batch axis."
+    )
+    override_reason = serializers.CharField(
+        required=False,
+        allow_blank=True,
+        max_length=2000,
+        help_text="Register the model even if its check fails, for this written reason.",
+    )
+
+    OPTION_FIELDS = ("opset", "atol", "rtol", "quantize", "optimize", "dynamic_batch")
+
+    def options(self) -> dict[str, Any]:
+        """The conversion options given (defaults left out)."""
+        data: dict[str, Any] = self.validated_data
+        options = {k: data[k] for k in self.OPTION_FIELDS if k in self.initial_data}
+        if data.get("override_reason"):
+            options["override_reason"] = data["override_reason"]
+        return {k: v for k, v in options.items() if v not in (None, "")}

@@ -22,14 +22,15 @@ from django.db.models import F, Max, Q
 from django.db.models.functions import Coalesce, Now
 from django.utils import timezone
 
+from deployer.convert.report import InvalidOptions
 from deployer.errors import DeployerError, TrackingError
 from deployer.images.build import BuiltImage, EngineUnavailable
 from deployer.tracking import TrackingRequest, record_build, track_version
-from deployer.validate import ValidationRequest, validate_onnx
 from portal.core import engine
 from portal.core.api import Conflict
 from portal.core.choices import EventLevel
 from portal.core.services import StepTimer, event_record
+from portal.registry import conversion
 from portal.registry.choices import (
     FINAL_VERSION_STATUSES,
     WORKING_VERSION_STATUSES,
@@ -47,7 +48,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
-SUPPORTED_FORMATS = {SourceFormat.ONNX}
 
 
 def safe_file_name(name: str, *, default: str) -> str:
@@ -123,16 +123,24 @@ def version_upload(
     user: User,
     source_format: str = "",
     sample: UploadedFile | None = None,
+    options: dict[str, Any] | None = None,
 ) -> ModelVersion:
-    """Store an upload as the model's next version and queue its pipeline."""
+    """Store an upload as the model's next version and queue its pipeline.
+
+    ``source_format`` may be left empty: the pipeline detects it from the content.
+    ``options`` are conversion options (opset, atol, rtol, quantize, optimize,
+    dynamic_batch, override_reason).
+    """
     from portal.registry.tasks import version_process as version_process_task
 
-    source_format = source_format or SourceFormat.ONNX
-    if source_format not in SUPPORTED_FORMATS:
+    if source_format and source_format not in SourceFormat.values:
         raise ValidationError(
-            {"format": f"Format {source_format!r} is not supported yet: export the model to ONNX."},
-            code="unsupported_format",
+            {"format": f"Unknown format {source_format!r}."}, code="unsupported_format"
         )
+    try:
+        stored_options = conversion.options_from_upload(options or {})
+    except InvalidOptions as exc:
+        raise ValidationError({"options": exc.message}, code=exc.code) from None
     file_name = safe_file_name(file.name or "", default="model.onnx")
     sample_name = safe_file_name(sample.name or "", default="sample.json") if sample else ""
     sha256 = upload_sha256(file)
@@ -147,6 +155,7 @@ def version_upload(
             size_bytes=file.size or 0,
             sha256=sha256,
             sample_file_name=sample_name,
+            options=stored_options,
             created_by=user,
             progress=5,
         )
@@ -236,7 +245,7 @@ def version_process(*, version_id: int) -> None:
         return
     try:
         if not version.signature or not version.served_file:
-            _validate(version)
+            conversion.version_prepare(version)
         if not version.mlflow_version:
             _register(version)
         if engine.builds_images() and not version.image_ref:
@@ -266,38 +275,6 @@ def version_process(*, version_id: int) -> None:
     )
 
 
-def _validate(version: ModelVersion) -> None:
-    version.advance(status=VersionStatus.VALIDATING, step="validate", progress=15)
-    timer = StepTimer()
-    work_dir = version.storage_dir / "work"
-    try:
-        report = validate_onnx(
-            ValidationRequest(
-                model_path=version.upload_path,
-                work_dir=work_dir,
-                sample_path=version.sample_path,
-                limits=engine.validation_limits(),
-            )
-        )
-        shutil.move(report.known_answer_path, version.known_answer_path)
-    finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
-    version.signature = report.signature.to_dict()
-    version.report = {"validation": report.details}
-    version.served_file = str(version.upload_path.relative_to(version.storage_dir))
-    version.progress = 60
-    version.save(update_fields=["signature", "report", "served_file", "progress", "updated_at"])
-    inputs = ", ".join(_tensor_text(t) for t in report.signature.to_dict()["inputs"])
-    event_record(
-        team=version.model.team,
-        version=version,
-        step="validate",
-        message=f"Valid ONNX model; inputs {inputs}; known answer recorded",
-        duration_ms=timer.ms,
-        data={"timings": report.details.get("timings", {})},
-    )
-
-
 def _tensor_text(tensor: dict[str, Any]) -> str:
     dims = ",".join("?" if d < 0 else str(d) for d in tensor["shape"])
     return f"{tensor['name']} {tensor['datatype']}[{dims}]"
@@ -310,6 +287,7 @@ def _register(version: ModelVersion) -> None:
     validation = version.report.get("validation", {})
     served = version.served_model_path
     assert served is not None
+    conversion_params, conversion_metrics, originals = conversion.mlflow_extras(version)
     result = track_version(
         TrackingRequest(
             target=engine.tracking_target(),
@@ -326,11 +304,13 @@ def _register(version: ModelVersion) -> None:
                 "opsets": ",".join(f"{k}={v}" for k, v in validation.get("opsets", {}).items()),
                 "onnxruntime_version": str(validation.get("onnxruntime_version", "")),
                 "sample_source": str(validation.get("sample_source", "")),
+                **conversion_params,
             },
             metrics={
                 "size_bytes": float(version.size_bytes),
                 "parameter_count": float(validation.get("parameter_count", 0)),
                 **{f"validation_{k}": float(v) for k, v in validation.get("timings", {}).items()},
+                **conversion_metrics,
             },
             tags={
                 "modelport_team": model.team.slug,
@@ -339,7 +319,7 @@ def _register(version: ModelVersion) -> None:
                 "modelport_sha256": version.sha256,
             },
             documents={"report.json": version.report, "signature.json": version.signature},
-            artifacts=(version.known_answer_path,),
+            artifacts=(version.known_answer_path, *originals),
         )
     )
     version.mlflow_run_id = result.run_id

@@ -93,7 +93,10 @@ def test_upload_builds_a_model_image_and_deploys_a_hardened_container(
     model_bytes = v1.size_bytes
 
     # The building step: a content-tagged image, its figures on the version and in MLflow.
-    assert v1.image_ref.startswith(f"modelport/model:{v1.sha256[:16]}-cpu-")
+    # Tagged by the served model's content (the onnxruntime-optimized file, not the upload).
+    assert v1.served_model_path is not None
+    served_sha = registry_services.file_sha256(v1.served_model_path)
+    assert v1.image_ref.startswith(f"modelport/model:{served_sha[:16]}-cpu-")
     figures = v1.report["image"]
     assert figures["image_model_layer_bytes"] <= model_bytes + MIB
     assert figures["image_size_bytes"] > figures["image_model_layer_bytes"]

@@ -53,7 +53,7 @@ def test_onnx_upload_becomes_ready_and_tracked(personas: Personas, onnx_file: Pa
     assert version.served_model_path.is_file()
     assert version.known_answer_path.is_file()
     steps = list(Event.objects.filter(version=version).values_list("step", flat=True))
-    assert steps == ["upload", "validate", "register", "ready"]
+    assert steps == ["upload", "detect", "validate", "optimize", "register", "ready"]
     client = MlflowClient(settings.MLFLOW_TRACKING_URI, registry_uri=settings.MLFLOW_TRACKING_URI)
     registered = client.get_model_version("acme.demo", version.mlflow_version)
     assert registered.run_id == version.mlflow_run_id
