@@ -22,8 +22,9 @@ $(VENV)/.run-$(HASH): $(BIN)/python
 	$(PIP) install -q -e .
 	@rm -f $(VENV)/.run-* && touch $@
 
+# The torch extra (a CPU build of torch==2.13.0) runs the PyTorch conversion tests.
 $(VENV)/.dev-$(HASH): $(BIN)/python
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[dev,torch]'
 	@rm -f $(VENV)/.dev-* && touch $@
 
 install: $(VENV)/.run-$(HASH)
