@@ -213,9 +213,10 @@ def main(argv: list[str] | None = None) -> int:
             )
             previous, previous_local = version, local_version
     finally:
-        runtime_engine = engine.runtime()
-        for instance in runtime_engine.owned():
-            runtime_engine.stop(instance.handle, grace_s=1)
+        settings.MODELPORT_RUNTIME = "docker"
+        for runtime_engine in (engine.runtime_named("docker"), engine.runtime_named("local")):
+            for instance in runtime_engine.owned():
+                runtime_engine.stop(instance.handle, grace_s=1)
         proxy = engine.proxy()
         if proxy is not None:
             proxy.stop()
