@@ -7,7 +7,6 @@ from decimal import Decimal
 from django import forms
 
 from portal.deployments.choices import Device
-from portal.registry.choices import SourceFormat
 from portal.registry.models import name_validator
 
 
@@ -20,18 +19,6 @@ class ModelCreateForm(forms.Form):
     )
     description = forms.CharField(
         required=False, max_length=4000, widget=forms.Textarea(attrs={"rows": 2})
-    )
-
-
-class UploadForm(forms.Form):
-    file = forms.FileField(label="Model file", help_text="An .onnx file.", allow_empty_file=True)
-    format = forms.ChoiceField(
-        choices=[("", "Detect from the file"), *SourceFormat.choices], required=False
-    )
-    sample_input = forms.FileField(
-        required=False,
-        label="Sample input (optional)",
-        help_text=".npy, .npz (one array per input) or JSON. Used for the known-answer check.",
     )
 
 

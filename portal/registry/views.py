@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections import deque
+from pathlib import Path
+
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied, ValidationError
@@ -19,8 +22,9 @@ from portal.deployments import selectors as deployment_selectors
 from portal.deployments.choices import Device
 from portal.deployments.services import gpu_unavailable_reason
 from portal.registry import selectors, services
-from portal.registry.choices import FINAL_VERSION_STATUSES
-from portal.registry.forms import DeployForm, ModelCreateForm, UploadForm
+from portal.registry.choices import FINAL_VERSION_STATUSES, SourceFormat
+from portal.registry.forms import DeployForm, ModelCreateForm
+from portal.registry.serializers import VersionUploadSerializer
 from portal.registry.uploads import UploadTooLarge
 
 
@@ -82,7 +86,11 @@ def model_detail(request: HttpRequest, name: str) -> HttpResponse:
 @login_required
 @require_http_methods(["GET", "POST"])
 def version_upload(request: HttpRequest, name: str) -> HttpResponse:
-    """Upload a new version (a plain form; the page's script adds a progress bar)."""
+    """Upload a new version (a plain form; the page's script adds a progress bar).
+
+    The form is validated by the API's upload serializer, so both take the same
+    fields and give the same messages.
+    """
     access = page_access(request)
     model = selectors.model_get(team=access.team, name=name)
     wants_json = request.headers.get("X-Requested-With") == "XMLHttpRequest"
@@ -90,43 +98,63 @@ def version_upload(request: HttpRequest, name: str) -> HttpResponse:
         if wants_json:
             return JsonResponse({"error": reason}, status=403)
         raise PermissionDenied(reason)
+    error, status = "", 200
     if request.method == "POST":
         try:
-            form = UploadForm(request.POST, request.FILES)
+            data = request.POST.copy()
+            data.update(request.FILES)  # type: ignore[arg-type]  # QueryDict takes files too
+            form = VersionUploadSerializer(data=data)
             valid = form.is_valid()
         except UploadTooLarge as exc:
-            return _upload_error(request, model, str(exc.detail), 413, wants_json)
+            valid, error, status = False, str(exc.detail), 413
         if valid:
+            fields = form.validated_data
             try:
                 version = services.version_upload(
                     model=model,
-                    file=form.cleaned_data["file"],
-                    source_format=form.cleaned_data["format"],
-                    sample=form.cleaned_data.get("sample_input"),
+                    file=fields["file"],
+                    source_format=fields.get("format") or "",
+                    sample=fields.get("sample_input"),
+                    options=form.options(),
                     user=access.user,
                 )
             except ValidationError as exc:
-                return _upload_error(request, model, " ".join(exc.messages), 400, wants_json)
-            url = reverse("registry:version_detail", args=[model.name, version.number])
-            if wants_json:
-                return JsonResponse({"redirect": url, "number": version.number}, status=201)
-            return redirect(url)
+                error, status = " ".join(exc.messages), 400
+            else:
+                url = reverse("registry:version_detail", args=[model.name, version.number])
+                if wants_json:
+                    return JsonResponse({"redirect": url, "number": version.number}, status=201)
+                return redirect(url)
+        elif not error:
+            error = "; ".join(
+                f"{key.replace('_', ' ')}: {' '.join(map(str, value))}"
+                for key, value in form.errors.items()
+            )
+            status = 400
         if wants_json:
-            errors = "; ".join(f"{k}: {' '.join(map(str, v))}" for k, v in form.errors.items())
-            return JsonResponse({"error": errors}, status=400)
-    else:
-        form = UploadForm()
-    return render(request, "registry/upload.html", {"model": model, "form": form, "access": access})
+            return JsonResponse({"error": error}, status=status)
+    context = {
+        "model": model,
+        "access": access,
+        "error": error,
+        "formats": _format_choices(),
+        "values": request.POST if request.method == "POST" else {},
+    }
+    return render(request, "registry/upload.html", context, status=status)
 
 
-def _upload_error(
-    request: HttpRequest, model: object, message: str, status: int, wants_json: bool
-) -> HttpResponse:
-    if wants_json:
-        return JsonResponse({"error": message}, status=status)
-    form = UploadForm()
-    form.add_error(None, message)
-    return render(request, "registry/upload.html", {"model": model, "form": form}, status=status)
+def _format_choices() -> list[dict[str, str]]:
+    """Each format with how this server handles it (converted in a container, locally,
+    or refused and why), for the upload page."""
+    from deployer.images.build import engine_available
+    from portal.registry.conversion import accepted_formats
+
+    handling = accepted_formats(docker=engine_available())
+    choices = []
+    for value, label in SourceFormat.choices:
+        how = handling.get(value, "local")
+        choices.append({"value": value, "label": label, "how": how})
+    return choices
 
 
 @login_required
@@ -146,10 +174,29 @@ def version_detail(request: HttpRequest, name: str, number: int) -> HttpResponse
         "gpu_reason": gpu_unavailable_reason(),
         "devices": Device.choices,
         "deployments": deployment_selectors.deployment_list(team=access.team, model=model),
+        "conversion": version.report.get("conversion"),
+        "conversion_variants": [
+            variant
+            for variant in (
+                (version.report.get("conversion") or {}).get("optimization"),
+                (version.report.get("conversion") or {}).get("quantization"),
+            )
+            if variant
+        ],
+        "image": version.report.get("image"),
+        "build_log": _tail(version.storage_dir / "build.log", lines=200),
     }
     return render_page_or_fragment(
         request, "registry/version_detail.html", "registry/htmx/version_status.html", context
     )
+
+
+def _tail(path: Path, *, lines: int) -> str:
+    try:
+        with path.open(encoding="utf-8", errors="replace") as handle:
+            return "".join(deque(handle, maxlen=lines))
+    except OSError:
+        return ""
 
 
 @login_required

@@ -15,3 +15,14 @@ def shape(dims: list[int] | None) -> str:
     return " × ".join(
         ("batch" if i == 0 else "any") if d < 0 else str(d) for i, d in enumerate(dims)
     )
+
+
+@register.filter
+def sig(value: object, digits: int = 3) -> str:
+    """A number with a few significant digits (1.19e-07, 0.00385), or "—"."""
+    if value is None or value == "":
+        return "—"
+    try:
+        return f"{float(str(value)):.{int(digits)}g}"
+    except ValueError:
+        return str(value)
