@@ -7,6 +7,8 @@ from celery.app.task import Task
 
 from deployer.images.build import EngineUnavailable
 from portal.deployments import services
+from portal.registry.tasks import RETRY_DELAYS as PIPELINE_RETRY_DELAYS
+from portal.registry.tasks import run_pipeline
 
 # Docker not answering is worth waiting for (a restarting engine); other failures are final.
 BUILD_RETRY_DELAYS = (5, 30, 120)
@@ -22,6 +24,13 @@ def revision_rollout(revision_id: int) -> None:
 def deployment_teardown(deployment_id: int, delete: bool) -> None:
     """Stop a deployment's instances (and delete it when asked)."""
     services.deployment_teardown(deployment_id=deployment_id, delete=delete)
+
+
+@shared_task(bind=True, acks_late=True, max_retries=len(PIPELINE_RETRY_DELAYS))
+def version_convert(self: Task, version_id: int) -> None:
+    """The version pipeline where it needs a sandbox container: on this queue because only
+    this worker talks to Docker."""
+    run_pipeline(self, version_id, engine_access=True)
 
 
 @shared_task(bind=True, acks_late=True, max_retries=len(BUILD_RETRY_DELAYS))

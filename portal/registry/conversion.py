@@ -61,6 +61,10 @@ CONVERTED_DIR = "converted"
 EXTRACTED_DIR = "extracted"
 
 
+class NeedsEngineWorker(Exception):
+    """This conversion runs in a container: only the deploy worker may start one."""
+
+
 class CheckFailed(DeployerError):
     """The converted model does not compute what the original does."""
 
@@ -108,11 +112,17 @@ def accepted_formats(*, docker: bool) -> dict[str, str]:
     return accepted
 
 
-def _container_factory(version: ModelVersion) -> Any:
-    """A builder of the container sandbox, or None when no Docker engine answers here."""
+def _container_factory(version: ModelVersion, *, engine_access: bool) -> Any:
+    """A builder of the container sandbox, or None when no Docker engine answers here.
+
+    Only the worker that deploys talks to the Docker engine; elsewhere this raises
+    ``NeedsEngineWorker`` so the pipeline hands the version over to that worker.
+    """
     mode = settings.MODELPORT_CONVERSION_SANDBOX
     if mode == "local":
         return None
+    if not engine_access:
+        raise NeedsEngineWorker
     from deployer.images.build import engine_available
 
     if not engine_available():
@@ -176,12 +186,16 @@ class _ImageLog:
 # ---------------------------------------------------------------- the steps
 
 
-def version_prepare(version: ModelVersion) -> None:
-    """Produce the version's served ONNX model, its signature and known answer."""
+def version_prepare(version: ModelVersion, *, engine_access: bool = False) -> None:
+    """Produce the version's served ONNX model, its signature and known answer.
+
+    Raises ``NeedsEngineWorker`` when the conversion must run in a container and this
+    process may not talk to Docker (``engine_access``).
+    """
     options = conversion_options(version)
     fmt, evidence = _detect(version)
     if fmt in CONVERTED_FORMATS:
-        report = _convert(version, fmt, options, evidence)
+        report = _convert(version, fmt, options, evidence, engine_access=engine_access)
         served = version.storage_dir / CONVERTED_DIR / "model.onnx"
         validation = _validate(version, served)
         version.report = {"validation": validation.details, "conversion": report.to_dict()}
@@ -303,8 +317,14 @@ def _relay(version: ModelVersion) -> Any:
 
 
 def _convert(
-    version: ModelVersion, fmt: Format, options: ConversionOptions, evidence: str
+    version: ModelVersion,
+    fmt: Format,
+    options: ConversionOptions,
+    evidence: str,
+    *,
+    engine_access: bool,
 ) -> ConversionReport:
+    container = _container_factory(version, engine_access=engine_access)
     version.advance(status=VersionStatus.CONVERTING, step="load", progress=PROGRESS["load"])
     work = version.storage_dir / "work"
     target = version.storage_dir / CONVERTED_DIR
@@ -313,7 +333,7 @@ def _convert(
     try:
         sandbox = choose_sandbox(
             fmt,
-            container=_container_factory(version),
+            container=container,
             limits=conversion_limits(),
             trusted_local=settings.MODELPORT_CONVERSION_TRUSTED_LOCAL,
         )

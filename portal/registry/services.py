@@ -234,9 +234,11 @@ def version_claim(*, version_id: int) -> ModelVersion | None:
     return None
 
 
-def version_process(*, version_id: int) -> None:
+def version_process(*, version_id: int, engine_access: bool = False) -> None:
     """Run the pipeline of one version, doing only the steps not done yet.
 
+    ``engine_access`` says whether this process may talk to Docker (only the deploy
+    worker may); a conversion that needs a container is handed over to it.
     Raises ``TrackingError`` for MLflow outages (the task retries); every other
     failure ends the version as ``failed`` with a message that names the cause.
     """
@@ -245,7 +247,11 @@ def version_process(*, version_id: int) -> None:
         return
     try:
         if not version.signature or not version.served_file:
-            conversion.version_prepare(version)
+            try:
+                conversion.version_prepare(version, engine_access=engine_access)
+            except conversion.NeedsEngineWorker:
+                _hand_to_engine_worker(version)
+                return
         if not version.mlflow_version:
             _register(version)
         if engine.builds_images() and not version.image_ref:
@@ -340,6 +346,22 @@ def _register(version: ModelVersion) -> None:
 
 
 # ---------------------------------------------------------------- image build (containers)
+
+
+def _hand_to_engine_worker(version: ModelVersion) -> None:
+    """Continue the pipeline on the deploy worker, which may start sandbox containers."""
+    from portal.deployments.tasks import version_convert as version_convert_task
+
+    # The hand-off is not a failed attempt.
+    ModelVersion.objects.filter(pk=version.pk).update(attempts=F("attempts") - 1)
+    event_record(
+        team=version.model.team,
+        version=version,
+        step="convert",
+        message="Converting in a sandbox container on the deploy worker, the only process "
+        "that talks to the Docker engine",
+    )
+    transaction.on_commit(partial(version_convert_task.delay, version.pk))
 
 
 def _queue_build(version: ModelVersion) -> None:

@@ -46,7 +46,8 @@ def _upload(
 
 
 def _process(version: ModelVersion) -> ModelVersion:
-    services.version_process(version_id=version.pk)
+    """Run the pipeline here as the deploy worker would (it may start containers)."""
+    services.version_process(version_id=version.pk, engine_access=True)
     version.refresh_from_db()
     return version
 
@@ -255,3 +256,48 @@ def test_zip_slip_archive_fails_and_writes_nothing_outside(
     assert version.error_code == "unsafe_archive"
     storage = Path(settings.MODELPORT_STORAGE_DIR)
     assert not list(storage.rglob("escape.onnx"))
+
+
+def test_pipeline_worker_hands_container_conversions_to_the_deploy_worker(
+    personas: Personas, tmp_path: Path, settings: Any, django_capture_on_commit_callbacks: Any
+) -> None:
+    """Only the deploy worker talks to Docker: the pipeline worker never starts a sandbox."""
+    settings.MODELPORT_CONVERSION_SANDBOX = "docker"
+    cm.pickle_file(tmp_path / "reg.pkl", cm.regressor())
+    version = _upload(personas, tmp_path / "reg.pkl")
+    with django_capture_on_commit_callbacks() as callbacks:
+        services.version_process(version_id=version.pk)
+    version.refresh_from_db()
+    assert version.status not in (VersionStatus.READY, VersionStatus.FAILED)
+    assert version.attempts == 0
+    assert version.source_format == "pickle"
+    assert "deploy worker" in Event.objects.filter(version=version).last().message
+    assert [c.func.__self__.name for c in callbacks if hasattr(c, "func")] == [
+        "portal.deployments.tasks.version_convert"
+    ]
+
+
+def test_reconcile_removes_converter_containers_a_killed_worker_left(
+    converter_image: str,  # noqa: F811 - the fixture imported above
+    docker_engine: Any,  # noqa: F811
+    settings: Any,
+) -> None:
+    """A worker killed mid-conversion cannot remove its container; reconcile does, and
+    leaves containers without our converter label alone."""
+    from portal.core.tasks import _sweep_converters
+
+    settings.MODELPORT_CONVERSION_SANDBOX = "docker"
+    settings.MODELPORT_CONVERSION_TIMEOUT_S = -60  # everything counts as abandoned
+    ours = docker_engine.containers.create(
+        converter_image, ["sleep", "60"], labels={"modelport.role": "converter"}
+    )
+    other = docker_engine.containers.create(converter_image, ["sleep", "60"])
+    try:
+        assert _sweep_converters() >= 1
+        remaining = {c.id for c in docker_engine.containers.list(all=True)}
+        assert ours.id not in remaining
+        assert other.id in remaining
+    finally:
+        other.remove(force=True)
+        if ours.id in {c.id for c in docker_engine.containers.list(all=True)}:
+            ours.remove(force=True)
