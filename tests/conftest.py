@@ -370,3 +370,10 @@ def docker_mode(
     monkeypatch.setenv("MODELPORT_RUNTIME", "docker")
     yield
     _stop_containers_and_proxy(Path(settings.DATA_DIR))
+
+
+def require_module(name: str) -> None:
+    """Like ``require``: an optional package (the torch extra) missing fails CI."""
+    import importlib.util
+
+    require(name, importlib.util.find_spec(name) is not None, "make test installs the torch extra")

@@ -87,14 +87,46 @@ def serving_config(device: str, serving: dict[str, object]) -> bytes:
     return json.dumps(config, sort_keys=True, indent=1).encode() + b"\n"
 
 
+def external_data_files(model_path: Path) -> list[str]:
+    """The external data files the model names, relative to its folder (validation has
+    already refused any that would leave it)."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    proto = onnx.load(str(model_path), load_external_data=False)
+    locations = {
+        ExternalDataInfo(tensor).location
+        for tensor in proto.graph.initializer
+        if uses_external_data(tensor)
+    }
+    for location in locations:
+        if Path(location).is_absolute() or ".." in Path(location).parts:
+            raise BuildError(f"External data {location!r} lies outside the model's folder.")
+    return sorted(locations)
+
+
+def _external_digest(model_path: Path, locations: list[str]) -> str:
+    digest = hashlib.sha256()
+    for location in locations:
+        digest.update(location.encode())
+        with (model_path.parent / location).open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 def model_image_ref(config: ImageConfig, request: ModelImageRequest) -> str:
-    """The content tag: model sha256, serving config and runtime image."""
+    """The content tag: model sha256, its external data, serving config and runtime image."""
     if len(request.model_sha256) != 64 or not all(
         c in "0123456789abcdef" for c in request.model_sha256
     ):
         raise BuildError("The model's sha256 must be 64 lower-case hex digits.")
     content = hashlib.sha256()
     content.update(request.model_sha256.encode())
+    if request.model_path.is_file():
+        locations = external_data_files(request.model_path)
+        if locations:
+            content.update(_external_digest(request.model_path, locations).encode())
     content.update(serving_config(request.runtime.device, request.serving))
     content.update(request.runtime.version.encode())
     tag = f"{request.model_sha256[:16]}-{request.runtime.device}-{content.hexdigest()[:16]}"
@@ -132,10 +164,17 @@ def model_image_ensure(
             folder = context / "model"
             folder.mkdir()
             _link_or_copy(request.model_path, folder / "model.onnx")
+            copied = [folder / "model.onnx"]
+            for location in external_data_files(request.model_path):
+                target = folder / location
+                target.parent.mkdir(parents=True, exist_ok=True)
+                _link_or_copy(request.model_path.parent / location, target)
+                copied.append(target)
             (folder / "config.json").write_bytes(
                 serving_config(request.runtime.device, request.serving)
             )
-            for path in (folder, folder / "model.onnx", folder / "config.json"):
+            folders = {p.parent for p in copied if p.parent != folder}
+            for path in (folder, *folders, *copied, folder / "config.json"):
                 # Readable by the runtime's user, writable by nobody in the container.
                 os.chmod(path, 0o755 if path.is_dir() else 0o644)
             built = image_build(

@@ -19,7 +19,7 @@ from portal.core.models import Event
 from portal.registry import services
 from portal.registry.choices import VersionStatus
 from portal.registry.models import Model, ModelVersion
-from tests.conftest import Personas
+from tests.conftest import Personas, require_module
 from tests.deployer.convert import conversion_models as cm
 
 # The session's converter image (built once where a Docker engine answers).
@@ -188,7 +188,7 @@ def test_with_docker_a_pickled_regressor_is_converted_in_the_container(
 def test_a_failed_check_fails_the_version_unless_overridden_with_a_reason(
     personas: Personas, tmp_path: Path, settings: Any
 ) -> None:
-    pytest.importorskip("torch")
+    require_module("torch")
     settings.MODELPORT_CONVERSION_SANDBOX = "local"
     settings.MODELPORT_CONVERSION_TRUSTED_LOCAL = True
     cm.noisy_torchscript_file(tmp_path / "noisy.pt")

@@ -6,9 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 
-from tests.conftest import Personas, Worker, wait_for
+from tests.conftest import Personas, Worker, require_module, wait_for
 from tests.deployer.convert import conversion_models as cm
 
 
@@ -20,7 +19,7 @@ def _final(client: Any, number: int) -> dict[str, Any] | None:
 def test_worker_converts_survives_bad_uploads_and_serves_the_result(
     personas: Personas, celery_worker: Worker, tmp_path: Path
 ) -> None:
-    pytest.importorskip("torch")
+    require_module("torch")
     cm.pickle_file(tmp_path / "reg.pkl", cm.regressor())
     data = (tmp_path / "reg.pkl").read_bytes()
     (tmp_path / "cut.pkl").write_bytes(data[: len(data) // 3])

@@ -20,6 +20,7 @@ from deployer.convert.runner import (
     convert_model,
 )
 from deployer.errors import DeployerError
+from tests.conftest import require_module
 from tests.deployer.convert import conversion_models as cm
 
 
@@ -72,7 +73,7 @@ def test_pickle_that_writes_a_marker_never_touches_the_host(
 def test_pytorch_and_sklearn_models_convert_in_the_container(
     docker_engine: Any, converter_image: str, tmp_path: Path
 ) -> None:
-    pytest.importorskip("torch")
+    require_module("torch")
     cm.pt2_file(tmp_path / "model.pt2")
     cm.torchscript_file(tmp_path / "model.pt")
     np.savez(tmp_path / "sample.npz", **cm.torch_sample())

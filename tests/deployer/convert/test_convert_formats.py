@@ -12,6 +12,7 @@ import pytest
 
 from deployer.convert.formats import Format, UnsupportedFormat, detect, pickle_globals, resolve
 from deployer.errors import InvalidModel
+from tests.conftest import require_module
 from tests.deployer.convert import conversion_models as cm
 from tests.onnx_models import linear_model
 
@@ -59,7 +60,7 @@ def test_formats_are_recognised_from_content(
 
 
 def test_pytorch_formats_are_recognised(tmp_path: Path) -> None:
-    pytest.importorskip("torch")
+    require_module("torch")
     cm.torchscript_file(tmp_path / "a.bin")
     cm.pt2_file(tmp_path / "b.bin")
     assert detect(tmp_path / "a.bin").format == Format.TORCHSCRIPT
@@ -67,7 +68,9 @@ def test_pytorch_formats_are_recognised(tmp_path: Path) -> None:
 
 
 def test_pickled_torch_module_and_state_dict_get_export_advice(tmp_path: Path) -> None:
-    torch = pytest.importorskip("torch")
+    require_module("torch")
+    import torch
+
     module = cm.torch_module()
     torch.save(module, tmp_path / "full.pt")
     torch.save(module.state_dict(), tmp_path / "weights.pt")

@@ -36,7 +36,7 @@ from deployer.runtimes.base import InstanceState, LaunchSpec
 from deployer.runtimes.local import LocalProcessRuntime
 from deployer.sandbox import Limits
 from deployer.validate import ValidationRequest, validate_onnx
-from tests.conftest import REPO
+from tests.conftest import REPO, require_module
 from tests.deployer.convert import conversion_models as cm
 
 LIMITS = Limits(memory_mb=4096, timeout_s=300)
@@ -118,7 +118,7 @@ def _no_scratch_left(tmp_path: Path) -> bool:
 def test_torchscript_with_two_inputs_and_outputs_converts_checks_and_serves(
     tmp_path: Path, runtime: LocalProcessRuntime
 ) -> None:
-    pytest.importorskip("torch")
+    require_module("torch")
     module = cm.torchscript_file(tmp_path / "model.pt")
     sample = _npz(tmp_path / "sample.npz", cm.torch_sample(rows=4))
     steps: list[StepEvent] = []
@@ -157,7 +157,7 @@ def test_torchscript_with_two_inputs_and_outputs_converts_checks_and_serves(
 def test_pt2_program_converts_with_a_dynamic_batch_from_generated_inputs(
     tmp_path: Path, runtime: LocalProcessRuntime
 ) -> None:
-    pytest.importorskip("onnxscript")
+    require_module("onnxscript")
     module = cm.pt2_file(tmp_path / "model.pt2")
     outcome = convert(tmp_path, tmp_path / "model.pt2")
     report = outcome.report
@@ -176,7 +176,7 @@ def test_pt2_program_converts_with_a_dynamic_batch_from_generated_inputs(
 
 
 def test_pt2_with_a_fixed_batch_keeps_it_and_says_how_to_free_it(tmp_path: Path) -> None:
-    pytest.importorskip("onnxscript")
+    require_module("onnxscript")
     cm.pt2_file(tmp_path / "fixed.pt2", dynamic=False)
     report = convert(tmp_path, tmp_path / "fixed.pt2").report
     assert report.passed
@@ -185,7 +185,7 @@ def test_pt2_with_a_fixed_batch_keeps_it_and_says_how_to_free_it(tmp_path: Path)
 
 
 def test_chosen_opset_is_used_and_an_impossible_one_is_refused(tmp_path: Path) -> None:
-    pytest.importorskip("torch")
+    require_module("torch")
     cm.torchscript_file(tmp_path / "model.pt")
     sample = _npz(tmp_path / "sample.npz", cm.torch_sample())
     report = convert(
@@ -204,7 +204,7 @@ def test_chosen_opset_is_used_and_an_impossible_one_is_refused(tmp_path: Path) -
 
 
 def test_torchscript_without_a_sample_asks_for_one_naming_the_inputs(tmp_path: Path) -> None:
-    pytest.importorskip("torch")
+    require_module("torch")
     cm.torchscript_file(tmp_path / "model.pt")
     with pytest.raises(DeployerError, match=r"sample input.*\(features, extra\)") as error:
         convert(tmp_path, tmp_path / "model.pt")
@@ -212,7 +212,7 @@ def test_torchscript_without_a_sample_asks_for_one_naming_the_inputs(tmp_path: P
 
 
 def test_dynamic_int8_quantization_has_its_own_check_and_latency(tmp_path: Path) -> None:
-    pytest.importorskip("torch")
+    require_module("torch")
     cm.torchscript_file(tmp_path / "model.pt")
     sample = _npz(tmp_path / "sample.npz", cm.torch_sample(rows=8))
     report = convert(
@@ -233,7 +233,7 @@ def test_dynamic_int8_quantization_has_its_own_check_and_latency(tmp_path: Path)
 def test_a_model_that_converts_but_computes_something_else_fails_its_check(
     tmp_path: Path,
 ) -> None:
-    pytest.importorskip("torch")
+    require_module("torch")
     cm.noisy_torchscript_file(tmp_path / "noisy.pt")
     sample = _npz(tmp_path / "x.npy.npz", {"x": np.zeros((4, 3), dtype=np.float32)})
     report = convert(tmp_path / "a", tmp_path / "noisy.pt", sample=sample).report
@@ -258,7 +258,7 @@ def test_a_model_that_converts_but_computes_something_else_fails_its_check(
 
 
 def test_unsupported_pytorch_operator_is_named(tmp_path: Path) -> None:
-    pytest.importorskip("torch")
+    require_module("torch")
     cm.unsupported_torchscript_file(tmp_path / "fft.pt")
     sample = _npz(tmp_path / "s.npz", {"x": np.ones((2, 8), dtype=np.float32)})
     with pytest.raises(DeployerError, match=r"could not convert the model.*fft") as error:
@@ -268,7 +268,7 @@ def test_unsupported_pytorch_operator_is_named(tmp_path: Path) -> None:
 
 
 def test_truncated_torchscript_fails_to_load_with_the_cause(tmp_path: Path) -> None:
-    pytest.importorskip("torch")
+    require_module("torch")
     cm.torchscript_file(tmp_path / "model.pt")
     data = (tmp_path / "model.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])

@@ -141,3 +141,49 @@ def test_build_base_image_command_finds_an_existing_image(client: Any) -> None:
     out = StringIO()
     call_command("build_base_image", stdout=out)
     assert "already exists" in out.getvalue()
+
+
+def test_model_image_carries_the_models_external_data(
+    runtime_image: Any, client: Any, tmp_path: Path
+) -> None:
+    """A model whose weights live beside it (uploaded as an archive) is served with them."""
+    import onnx
+
+    from portal.core import engine
+
+    path = tmp_path / "model.onnx"
+    linear_model(path, in_features=64, out_features=64, seed=random.randrange(1 << 30))
+    proto = onnx.load(str(path))
+    (tmp_path / "weights").mkdir()
+    onnx.save_model(
+        proto, str(path), save_as_external_data=True, location="weights/w.bin", size_threshold=0
+    )
+    assert (tmp_path / "weights" / "w.bin").is_file()
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    built = model_image_ensure(
+        engine.image_config(), ModelImageRequest(path, sha, runtime_image), client=client
+    )
+    try:
+        out = client.containers.run(
+            built.ref,
+            entrypoint=["python", "-c", "import numpy as n, onnxruntime as o; "
+                        "s = o.InferenceSession('/model/model.onnx'); "
+                        "x = {'input': n.ones((1, 64), 'float32')}; "
+                        "print(float(s.run(None, x)[0].sum()))"],
+            remove=True,
+            network_mode="none",
+        ).decode()  # fmt: skip
+        import numpy as np
+        import onnxruntime as ort
+
+        here = ort.InferenceSession(str(path)).run(None, {"input": np.ones((1, 64), "float32")})
+        assert float(out.strip()) == pytest.approx(float(here[0].sum()), rel=1e-5)
+        # Other weights beside the same model file make another image.
+        (tmp_path / "weights" / "w.bin").write_bytes(b"\0" * (64 * 64 * 4))
+        other = model_image_ensure(
+            engine.image_config(), ModelImageRequest(path, sha, runtime_image), client=client
+        )
+        assert other.ref != built.ref
+        client.images.remove(other.ref, force=True)
+    finally:
+        client.images.remove(built.ref, force=True)
