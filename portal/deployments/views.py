@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse
@@ -179,13 +180,22 @@ def deployment_try(request: HttpRequest, deployment_id: int) -> HttpResponse:
             if key.startswith("input-")
         }
         result = try_inference(
-            endpoint_url=deployment.endpoint_url,
+            endpoint_url=_reachable_from_here(deployment.endpoint_url),
             signature=current.version.signature,
             values=values,
             upload=request.FILES.get("sample"),
         )
         error = ""
     return render(request, "deployments/htmx/try_result.html", {"result": result, "error": error})
+
+
+def _reachable_from_here(url: str) -> str:
+    """The endpoint as this process reaches it: behind compose, the proxy's public address
+    is not the one the web container can call (MODELPORT_PROXY_CHECK_URL is)."""
+    public, internal = settings.MODELPORT_PROXY_URL, settings.MODELPORT_PROXY_CHECK_URL
+    if public and internal and public != internal and url.startswith(public):
+        return internal + url[len(public) :]
+    return url
 
 
 @login_required

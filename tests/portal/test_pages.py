@@ -162,3 +162,16 @@ def test_tokens_page_shows_a_new_token_once(personas: Personas) -> None:
     again = client.get("/accounts/tokens/")
     assert token.encode() not in again.content
     assert b"ci" in again.content
+
+
+def test_try_it_calls_the_proxy_at_the_address_this_process_reaches(settings: object) -> None:
+    from portal.deployments.views import _reachable_from_here
+
+    settings.MODELPORT_PROXY_URL = "http://models.example.com"  # type: ignore[attr-defined]
+    settings.MODELPORT_PROXY_CHECK_URL = "http://proxy:8080"  # type: ignore[attr-defined]
+    assert _reachable_from_here("http://models.example.com/acme/m/prod/v2/models/m") == (
+        "http://proxy:8080/acme/m/prod/v2/models/m"
+    )
+    assert _reachable_from_here("http://127.0.0.1:5000/v2/models/m") == (
+        "http://127.0.0.1:5000/v2/models/m"
+    )
