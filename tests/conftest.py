@@ -377,3 +377,15 @@ def require_module(name: str) -> None:
     import importlib.util
 
     require(name, importlib.util.find_spec(name) is not None, "make test installs the torch extra")
+
+
+def report_entry(report: str, entry: dict[str, Any]) -> None:
+    """Add one figure to artifacts/reports/<report>.json (the issues' closing notes cite them)."""
+    import json
+
+    out = REPO / "artifacts" / "reports"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{report}.json"
+    entries = json.loads(path.read_text()) if path.exists() else []
+    entries = [e for e in entries if e.get("scenario") != entry.get("scenario")]
+    path.write_text(json.dumps([*entries, entry], indent=2, default=str))

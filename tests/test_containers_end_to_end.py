@@ -31,7 +31,7 @@ from portal.deployments.models import Deployment, Revision
 from portal.registry import services as registry_services
 from portal.registry.choices import VersionStatus
 from portal.registry.models import ModelVersion
-from tests.conftest import Personas, Worker, start_worker, wait_for
+from tests.conftest import Personas, Worker, report_entry, start_worker, wait_for
 from tests.onnx_models import linear_model
 
 pytestmark = pytest.mark.e2e
@@ -218,6 +218,12 @@ def test_worker_killed_mid_build_leaves_one_image_after_reconcile(
         if "/opt/modelport" in " ".join(c.attrs["Config"].get("Cmd") or [])
     ]
     assert leftovers == []
+    report_entry(
+        "crash_safety",
+        {"scenario": "worker SIGKILL during an image build", "kills": 1, "final": True,
+         "status": version.status, "attempts": version.attempts,
+         "duplicates": len(ours) - 3 + len(leftovers)},
+    )  # fmt: skip
 
 
 def test_worker_killed_mid_rollout_is_finished_by_reconcile_without_duplicates(
@@ -297,3 +303,9 @@ def test_worker_killed_mid_rollout_is_finished_by_reconcile_without_duplicates(
         if c.labels.get("modelport.installation") == settings.MODELPORT_INSTALLATION_ID
     ]
     assert names == [f"mp-{settings.MODELPORT_INSTALLATION_ID}-r{revision.pk}"]
+    report_entry(
+        "crash_safety",
+        {"scenario": "worker SIGKILL during a rollout", "kills": 1, "final": True,
+         "status": revision.status, "attempts": revision.attempts,
+         "duplicates": len(names) - 1},
+    )  # fmt: skip
