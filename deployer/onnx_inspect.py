@@ -22,7 +22,7 @@ from typing import Any
 from deployer.errors import DeployerError, InvalidModel, InvalidSample, LimitExceeded
 from deployer.samples import generate_sample, load_sample, save_known_answer
 from deployer.sandbox import HANDLED_ERROR_EXIT, write_result
-from deployer.signature import ORT_TO_V2, Signature, TensorSpec, ort_dims
+from deployer.signature import session_signature
 
 KNOWN_ANSWER_FILE = "known_answer.npz"
 
@@ -82,10 +82,7 @@ def inspect_model(model_path: Path, out_dir: Path, sample_path: Path | None) -> 
         ) from exc
     timings["load_ms"] = _ms(started)
 
-    signature = Signature(
-        inputs=tuple(_spec(i) for i in session.get_inputs()),
-        outputs=tuple(_spec(o) for o in session.get_outputs()),
-    )
+    signature = session_signature(session)
     if sample_path is not None:
         inputs = load_sample(sample_path, signature)
         source = "uploaded"
@@ -159,17 +156,6 @@ def _check_external_data(proto: Any, model_dir: Path) -> None:
                 "Upload a .zip holding the model and its external data files.",
                 code="external_data_missing",
             )
-
-
-def _spec(node: Any) -> TensorSpec:
-    datatype = ORT_TO_V2.get(node.type)
-    if datatype is None:
-        raise InvalidModel(
-            f"{node.name} has type {node.type}, which cannot be served over the inference "
-            "protocol (only tensors of numbers, booleans and strings can).",
-            code="unsupported_type",
-        )
-    return TensorSpec(name=node.name, datatype=datatype, shape=ort_dims(list(node.shape or [])))
 
 
 def _numel(tensor: Any) -> int:

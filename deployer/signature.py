@@ -69,3 +69,28 @@ class Signature:
 def ort_dims(shape: list[int | str | None]) -> tuple[int, ...]:
     """onnxruntime's shape (ints, symbolic names or None) with -1 for anything not fixed."""
     return tuple(d if isinstance(d, int) and d >= 0 else -1 for d in shape)
+
+
+def session_signature(session: Any) -> Signature:
+    """An onnxruntime session's inputs and outputs as a ``Signature``.
+
+    Raises ``InvalidModel`` for an input or output that is not a tensor (a sequence or
+    map), which the inference protocol cannot carry.
+    """
+    return Signature(
+        inputs=tuple(_session_spec(node) for node in session.get_inputs()),
+        outputs=tuple(_session_spec(node) for node in session.get_outputs()),
+    )
+
+
+def _session_spec(node: Any) -> TensorSpec:
+    from deployer.errors import InvalidModel
+
+    datatype = ORT_TO_V2.get(node.type)
+    if datatype is None:
+        raise InvalidModel(
+            f"{node.name} has type {node.type}, which cannot be served over the inference "
+            "protocol (only tensors of numbers, booleans and strings can).",
+            code="unsupported_type",
+        )
+    return TensorSpec(name=node.name, datatype=datatype, shape=ort_dims(list(node.shape or [])))

@@ -5,9 +5,7 @@ is duplicated, attempts are counted. Figures go to artifacts/reports/crash_safet
 
 from __future__ import annotations
 
-import pickle
 import subprocess
-import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -26,25 +24,6 @@ from tests.deployer.convert.conftest import converter_image, docker_engine  # no
 from tests.onnx_models import linear_model
 
 pytestmark = pytest.mark.e2e
-
-
-class _Sleeps:
-    """Unpickles as ``time.sleep(seconds)``: a slow load, to be killed in the middle of."""
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (time.sleep, (self.seconds,))
-
-
-def _slow_pickle(path: Path, seconds: float) -> None:
-    from sklearn.linear_model import LinearRegression
-
-    x, _, target = cm.sklearn_data(rows=20)
-    estimator = LinearRegression().fit(x, target)
-    estimator.slow_to_load = _Sleeps(seconds)
-    path.write_bytes(pickle.dumps(estimator))
 
 
 def _upload(personas: Personas, path: Path) -> ModelVersion:
@@ -86,6 +65,23 @@ def _converter_containers(docker: Any) -> int:
     return len(docker.containers.list(all=True, filters={"label": "modelport.role=converter"}))
 
 
+def _kill_during_conversion(
+    version: ModelVersion, worker: Worker, docker: Any, settings: Any
+) -> dict[str, int]:
+    """Wait until the version converts in its sandbox, SIGKILL the worker, then do what
+    the periodic reconcile does once the row is stale: remove the abandoned sandbox and
+    hand the version back (or end it)."""
+    wait_for(lambda: _in_sandbox(version, docker), timeout_s=120, interval_s=0.1,
+             what="the conversion container")  # fmt: skip
+    worker.kill()
+    version.refresh_from_db()
+    assert version.status == VersionStatus.CONVERTING
+    settings.MODELPORT_CONVERSION_TIMEOUT_S = -60  # every converter counts as abandoned
+    assert _sweep_converters() >= 1
+    _age(version)
+    return registry_services.versions_reconcile()
+
+
 def test_worker_killed_mid_conversion_finishes_after_reconcile(
     converter_image: str,  # noqa: F811
     personas: Personas,
@@ -96,21 +92,11 @@ def test_worker_killed_mid_conversion_finishes_after_reconcile(
     import docker as docker_sdk
 
     docker = docker_sdk.from_env()
-    settings.MODELPORT_CONVERSION_SANDBOX = "docker"
-    _slow_pickle(tmp_path / "slow.pkl", seconds=6)
+    cm.slow_pickle(tmp_path / "slow.pkl", seconds=6)
     version = _upload(personas, tmp_path / "slow.pkl")
-    wait_for(lambda: _in_sandbox(version, docker), timeout_s=120, interval_s=0.1,
-             what="the conversion container")  # fmt: skip
-    celery_worker.kill()
-    version.refresh_from_db()
-    assert version.status == VersionStatus.CONVERTING
+    counts = _kill_during_conversion(version, celery_worker, docker, settings)
     assert version.attempts == 1
-
-    # Reconcile: the abandoned sandbox goes, the version goes back to a worker.
-    settings.MODELPORT_CONVERSION_TIMEOUT_S = -60
-    assert _sweep_converters() >= 1
-    _age(version)
-    assert registry_services.versions_reconcile() == {"requeued": 1, "failed": 0}
+    assert counts == {"requeued": 1, "failed": 0}
     again = start_worker(celery_worker.env, tmp_path / "worker-2.log")
     try:
         wait_for(
@@ -144,22 +130,14 @@ def test_version_that_kills_its_worker_every_time_ends_failed(
     import docker as docker_sdk
 
     docker = docker_sdk.from_env()
-    settings.MODELPORT_CONVERSION_SANDBOX = "docker"
-    _slow_pickle(tmp_path / "slower.pkl", seconds=120)
+    cm.slow_pickle(tmp_path / "slower.pkl", seconds=120)
     version = _upload(personas, tmp_path / "slower.pkl")
     worker = celery_worker
     kills = 0
     for attempt in range(1, settings.MODELPORT_TASK_MAX_ATTEMPTS + 1):
-        wait_for(lambda: _in_sandbox(version, docker), timeout_s=120, interval_s=0.1,
-                 what=f"the conversion container, attempt {attempt}")  # fmt: skip
-        worker.kill()
+        counts = _kill_during_conversion(version, worker, docker, settings)
         kills += 1
-        version.refresh_from_db()
         assert version.attempts == attempt
-        settings.MODELPORT_CONVERSION_TIMEOUT_S = -60
-        _sweep_converters()
-        _age(version)
-        counts = registry_services.versions_reconcile()
         if attempt < settings.MODELPORT_TASK_MAX_ATTEMPTS:
             assert counts == {"requeued": 1, "failed": 0}
             worker = start_worker(celery_worker.env, tmp_path / f"worker-{attempt + 1}.log")

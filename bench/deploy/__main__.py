@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import json
 import os
 import shutil
@@ -35,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.serving.models import build_mlp
+
 MB = 1024 * 1024
 
 
@@ -42,39 +43,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def _mlp(path: Path, seed: int, sizes: tuple[int, ...] = (64, 256, 256, 10)) -> None:
-    """A small MLP (Gemm + Relu) with random weights."""
-    import numpy as np
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(seed)
-    nodes, inits, last = [], [], "input"
-    for index, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
-        weight = (rng.standard_normal((fan_in, fan_out)) / np.sqrt(fan_in)).astype(np.float32)
-        inits += [
-            numpy_helper.from_array(weight, f"W{index}"),
-            numpy_helper.from_array(np.zeros(fan_out, np.float32), f"b{index}"),
-        ]
-        out = "output" if index == len(sizes) - 2 else f"h{index}"
-        nodes.append(helper.make_node("Gemm", [last, f"W{index}", f"b{index}"], [f"{out}_g"]))
-        if out == "output":
-            nodes.append(helper.make_node("Identity", [f"{out}_g"], [out]))
-        else:
-            nodes.append(helper.make_node("Relu", [f"{out}_g"], [out]))
-        last = out
-    graph = helper.make_graph(
-        nodes,
-        "mlp",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", sizes[0]])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", sizes[-1]])],
-        initializer=inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
 
 
 def _setup(data_dir: Path) -> None:
@@ -145,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         settings.MODELPORT_RUNTIME = runtime_name
         name = "production" if runtime_name == "docker" else "local"
         path = data_dir / f"mlp-{seed}.onnx"
-        _mlp(path, seed)
+        build_mlp(path, (64, 256, 256, 10), seed=seed)
         marks: dict[str, float] = {}
         t0 = time.monotonic()
         version = registry.version_upload(

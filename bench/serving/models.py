@@ -20,9 +20,9 @@ def _save(graph: onnx.GraphProto, path: Path) -> Path:
     return path
 
 
-def build_mlp(path: Path, sizes: tuple[int, ...] = (256, 1024, 1024, 10)) -> Path:
+def build_mlp(path: Path, sizes: tuple[int, ...] = (256, 1024, 1024, 10), seed: int = 0) -> Path:
     """The issue's 256 -> 1024 -> 1024 -> 10 MLP (Gemm + Relu), dynamic batch axis."""
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     nodes, inits = [], []
     current = "input"
     layers = len(sizes) - 1

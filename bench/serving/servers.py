@@ -107,16 +107,7 @@ def wait_idle(servers: list[Server], threshold: float = 0.05, timeout: float = 1
 
 
 def tree_rss_kb(root: int) -> int:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(entry))
-        except OSError:
-            continue
+    children = _children()
     total = 0
     stack = [root]
     while stack:

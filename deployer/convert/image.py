@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -35,13 +32,12 @@ from deployer.images import (
     build_lock,
     describe,
     docker_client,
-    image_build,
     image_get,
     wheelhouse_ensure,
 )
 from deployer.images.build import BUILD_TIMEOUT_S, no_log
 from deployer.images.names import LABEL_PREFIX, reference
-from deployer.images.wheelhouse import check_requirement
+from deployer.images.wheelhouse import check_requirement, python_app_image_build
 
 SANDBOX_UID = 10001
 WORK_DIR = "/work"
@@ -172,42 +168,16 @@ def converter_image_ensure(
         house = wheelhouse_ensure(
             requirements, cache_dir=config.cache_dir, target=config.target, log=log
         )
-        with tempfile.TemporaryDirectory(prefix="modelport-converter-") as scratch:
-            context = Path(scratch)
-            (context / "Dockerfile").write_text(DOCKERFILE)
-            (context / "requirements.txt").write_text("\n".join(requirements) + "\n")
-            wheels = context / "wheels"
-            wheels.mkdir()
-            for name, _ in house.files:
-                _link_or_copy(house.path / name, wheels / name)
-            for relative, data in sources.items():
-                target = context / "app" / relative
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(data)
-            built = image_build(
-                context,
-                ref=ref,
-                labels={
-                    f"{LABEL_PREFIX}kind": "converter",
-                    f"{LABEL_PREFIX}converter-version": content,
-                    f"{LABEL_PREFIX}base-image": base_ref,
-                    f"{LABEL_PREFIX}wheelhouse": house.digest[:20],
-                    f"{LABEL_PREFIX}deployer-version": deployer.__version__,
-                },
-                build_args={"BASE_IMAGE": base_ref},
-                log=log,
-                client=client,
-                parent_ref=base_ref,
-            )
-        log(
-            f"Built {ref}: {built.size_bytes / 1e6:.0f} MB, {built.own_layer_bytes / 1e6:.0f} MB "
-            f"above the base, in {built.build_seconds:.1f} s"
+        built = python_app_image_build(
+            ref=ref,
+            kind="converter",
+            dockerfile=DOCKERFILE,
+            requirement_files={"requirements.txt": requirements},
+            house=house,
+            sources=sources,
+            base_ref=base_ref,
+            labels={f"{LABEL_PREFIX}converter-version": content},
+            log=log,
+            client=client,
         )
         return ConverterImage(ref, content, base_ref, built)
-
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)

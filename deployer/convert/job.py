@@ -50,7 +50,7 @@ from deployer.samples import (
     save_known_answer,
 )
 from deployer.sandbox import HANDLED_ERROR_EXIT, write_result
-from deployer.signature import Signature
+from deployer.signature import Signature, session_signature
 
 SERVED_FILE = "model.onnx"
 PROGRESS_FILE = "progress.jsonl"
@@ -158,7 +158,7 @@ def _variant(
     try:
         build(source, target)
         sess = onnx_tools.session(target)
-        signature = onnx_tools.signature_of(sess)
+        signature = session_signature(sess)
         values = onnx_tools.run(sess, inputs)
     except Exception as exc:  # a variant that fails is skipped, not fatal
         return (
@@ -228,7 +228,7 @@ def run_job(
         model = source
         started = time.perf_counter()
         base_session = onnx_tools.session(model)
-        signature = onnx_tools.signature_of(base_session)
+        signature = session_signature(base_session)
         inputs, reference = load_known_answer(known_answer)
         inputs = conform(inputs, signature)
         progress.step("load", started, "Loaded the ONNX model in onnxruntime")
@@ -258,7 +258,7 @@ def run_job(
 
         started = time.perf_counter()
         base_session = onnx_tools.session(model)
-        signature = onnx_tools.signature_of(base_session)
+        signature = session_signature(base_session)
         inputs, inputs_source = _check_inputs(signature, sample, options.dynamic_batch)
         try:
             reference = converter.run(inputs)
@@ -335,8 +335,8 @@ def run_job(
         versions=versions,
         opset=opset,
         opset_source=opset_source,
-        dynamic_batch=onnx_tools.signature_of(served_session).dynamic_batch,
-        signature=onnx_tools.signature_of(served_session).to_dict(),
+        dynamic_batch=session_signature(served_session).dynamic_batch,
+        signature=session_signature(served_session).to_dict(),
         served_file=served.name,
         passed=check is None or check.passed,
         check=check,

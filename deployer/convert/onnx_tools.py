@@ -7,7 +7,6 @@ from typing import Any
 
 from deployer.errors import InvalidModel
 from deployer.samples import Arrays
-from deployer.signature import ORT_TO_V2, Signature, TensorSpec, ort_dims
 
 # onnxruntime's optimization level for the saved artifact: EXTENDED fusions run on the
 # CPU and CUDA providers alike; ALL adds layouts tied to the CPU it ran on.
@@ -46,25 +45,6 @@ def session(path: Path, *, optimized: bool = True, threads: int = 1) -> Any:
             "probably uses an operator or opset this onnxruntime lacks; try another opset.",
             code="unsupported_operator",
         ) from exc
-
-
-def signature_of(sess: Any) -> Signature:
-    """The session's inputs and outputs as a ``Signature``."""
-
-    def spec(node: Any) -> TensorSpec:
-        datatype = ORT_TO_V2.get(node.type)
-        if datatype is None:
-            raise InvalidModel(
-                f"The converted model's {node.name} has type {node.type}, which cannot be served "
-                "over the inference protocol (only tensors can).",
-                code="unsupported_type",
-            )
-        return TensorSpec(name=node.name, datatype=datatype, shape=ort_dims(list(node.shape or [])))
-
-    return Signature(
-        inputs=tuple(spec(i) for i in sess.get_inputs()),
-        outputs=tuple(spec(o) for o in sess.get_outputs()),
-    )
 
 
 def run(sess: Any, inputs: Arrays) -> Arrays:

@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -33,12 +30,16 @@ from deployer.images.build import (
     build_lock,
     describe,
     docker_client,
-    image_build,
     image_get,
     no_log,
 )
 from deployer.images.names import LABEL_PREFIX, check_repository, reference
-from deployer.images.wheelhouse import WheelTarget, check_requirement, wheelhouse_ensure
+from deployer.images.wheelhouse import (
+    WheelTarget,
+    check_requirement,
+    python_app_image_build,
+    wheelhouse_ensure,
+)
 
 DEVICES = ("cpu", "gpu")
 # What deployer/serving imports (its README keeps this list short).
@@ -223,44 +224,22 @@ def runtime_image_ensure(
         house = wheelhouse_ensure(
             requirements + build_reqs, cache_dir=config.cache_dir, target=config.target, log=log
         )
-        with tempfile.TemporaryDirectory(prefix="modelport-runtime-") as scratch:
-            context = Path(scratch)
-            (context / "Dockerfile").write_text(DOCKERFILE)
-            (context / "requirements.txt").write_text("\n".join(requirements) + "\n")
-            (context / "build-requirements.txt").write_text("\n".join(build_reqs) + "\n")
-            wheels = context / "wheels"
-            wheels.mkdir()
-            for name, _ in house.files:
-                _link_or_copy(house.path / name, wheels / name)
-            for relative, content in sources.items():
-                target = context / "app" / relative
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(content)
-            built = image_build(
-                context,
-                ref=ref,
-                labels={
-                    f"{LABEL_PREFIX}kind": "runtime",
-                    f"{LABEL_PREFIX}runtime-version": runtime,
-                    f"{LABEL_PREFIX}device": device,
-                    f"{LABEL_PREFIX}base-image": base_ref,
-                    f"{LABEL_PREFIX}wheelhouse": house.digest[:20],
-                    f"{LABEL_PREFIX}deployer-version": deployer.__version__,
-                },
-                build_args={"BASE_IMAGE": base_ref},
-                log=log,
-                client=client,
-                parent_ref=base_ref,
-            )
-        log(
-            f"Built {ref}: {built.size_bytes / 1e6:.0f} MB, {built.own_layer_bytes / 1e6:.0f} MB "
-            f"above the base, in {built.build_seconds:.1f} s"
+        built = python_app_image_build(
+            ref=ref,
+            kind="runtime",
+            dockerfile=DOCKERFILE,
+            requirement_files={
+                "requirements.txt": requirements,
+                "build-requirements.txt": build_reqs,
+            },
+            house=house,
+            sources=sources,
+            base_ref=base_ref,
+            labels={
+                f"{LABEL_PREFIX}runtime-version": runtime,
+                f"{LABEL_PREFIX}device": device,
+            },
+            log=log,
+            client=client,
         )
         return RuntimeImage(ref, runtime, device, base_ref, built)
-
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)

@@ -20,9 +20,19 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import deployer
 from deployer.images.base import PYTHON_VERSION
-from deployer.images.build import BuildError, LogSink, build_lock, no_log
+from deployer.images.build import (
+    BuildError,
+    BuiltImage,
+    LogSink,
+    build_lock,
+    image_build,
+    no_log,
+)
+from deployer.images.names import LABEL_PREFIX
 
 MANIFEST = "manifest.json"
 # manylinux tags the base images' glibc (Debian bookworm: 2.36) can load.
@@ -189,3 +199,60 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def python_app_image_build(
+    *,
+    ref: str,
+    kind: str,
+    dockerfile: str,
+    requirement_files: dict[str, Sequence[str]],
+    house: Wheelhouse,
+    sources: dict[str, bytes],
+    base_ref: str,
+    labels: dict[str, str],
+    log: LogSink,
+    client: Any,
+) -> BuiltImage:
+    """Build a Python application image offline: the Dockerfile, its requirement files,
+    the wheelhouse's wheels under ``wheels/`` and the application's files under ``app/``
+    make the context; the base image comes in as the ``BASE_IMAGE`` build argument.
+
+    Used by the runtime and converter images, which differ only in what they install.
+    """
+    with tempfile.TemporaryDirectory(prefix=f"modelport-{kind}-") as scratch:
+        context = Path(scratch)
+        (context / "Dockerfile").write_text(dockerfile)
+        for name, lines in requirement_files.items():
+            (context / name).write_text("\n".join(lines) + "\n")
+        wheels = context / "wheels"
+        wheels.mkdir()
+        for name, _ in house.files:
+            try:
+                os.link(house.path / name, wheels / name)
+            except OSError:
+                shutil.copy2(house.path / name, wheels / name)
+        for relative, data in sources.items():
+            target = context / "app" / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        built = image_build(
+            context,
+            ref=ref,
+            labels={
+                f"{LABEL_PREFIX}kind": kind,
+                **labels,
+                f"{LABEL_PREFIX}base-image": base_ref,
+                f"{LABEL_PREFIX}wheelhouse": house.digest[:20],
+                f"{LABEL_PREFIX}deployer-version": deployer.__version__,
+            },
+            build_args={"BASE_IMAGE": base_ref},
+            log=log,
+            client=client,
+            parent_ref=base_ref,
+        )
+    log(
+        f"Built {ref}: {built.size_bytes / 1e6:.0f} MB, {built.own_layer_bytes / 1e6:.0f} MB "
+        f"above the base, in {built.build_seconds:.1f} s"
+    )
+    return built

@@ -271,14 +271,7 @@ def version_process(*, version_id: int, engine_access: bool = False) -> None:
             "happens again, report it with this message.",
         )
         return
-    version.mark_ready()
-    event_record(
-        team=version.model.team,
-        version=version,
-        step="ready",
-        level=EventLevel.SUCCESS,
-        message=f"Version {version.number} is ready to deploy",
-    )
+    _mark_ready(version)
 
 
 def _tensor_text(tensor: dict[str, Any]) -> str:
@@ -392,15 +385,7 @@ def version_build(*, version_id: int) -> None:
             version_give_up(version=version, reason="the image build kept failing")
         return
     if engine.runtime_name() != "docker":
-        version.mark_ready()
-        event_record(
-            team=version.model.team,
-            version=version,
-            step="ready",
-            level=EventLevel.SUCCESS,
-            message=f"Version {version.number} is ready to deploy (no Docker engine here: "
-            "it will run as a local process)",
-        )
+        _mark_ready(version, "(no Docker engine here: it will run as a local process)")
         return
     timer = StepTimer()
     try:
@@ -448,14 +433,7 @@ def version_build(*, version_id: int) -> None:
                 level=EventLevel.WARNING,
                 message=f"The build figures were not recorded in MLflow: {exc.message}",
             )
-    version.mark_ready()
-    event_record(
-        team=version.model.team,
-        version=version,
-        step="ready",
-        level=EventLevel.SUCCESS,
-        message=f"Version {version.number} is ready to deploy",
-    )
+    _mark_ready(version)
 
 
 def version_image_ensure(
@@ -585,3 +563,14 @@ def _requeue(version: ModelVersion) -> None:
         version_build_task.delay(version.pk)
     else:
         version_process_task.delay(version.pk)
+
+
+def _mark_ready(version: ModelVersion, note: str = "") -> None:
+    version.mark_ready()
+    event_record(
+        team=version.model.team,
+        version=version,
+        step="ready",
+        level=EventLevel.SUCCESS,
+        message=f"Version {version.number} is ready to deploy {note}".rstrip(),
+    )
