@@ -134,19 +134,22 @@ def _cases(tmp: Path) -> list[Case]:
     ]  # fmt: skip
 
 
-def _files_outside_storage_folders() -> list[Path]:
-    """Files in storage that are not inside an existing version's own folder."""
+def _storage_files() -> set[Path]:
+    return {p for p in Path(settings.MODELPORT_STORAGE_DIR).rglob("*") if p.is_file()}
+
+
+def _files_outside_storage_folders(before: set[Path]) -> list[Path]:
+    """Files this test added to storage outside an existing version's own folder, and
+    working files that outlived their step (storage is shared by the session's tests)."""
     storage = Path(settings.MODELPORT_STORAGE_DIR)
     owned = [v.storage_dir for v in ModelVersion.objects.all()]
     stray = []
-    for path in storage.rglob("*"):
-        if not path.is_file():
-            continue
+    for path in sorted(_storage_files() - before):
         inside = any(path.is_relative_to(folder) for folder in owned)
         if not inside and not path.is_relative_to(storage / "images"):
             stray.append(path)
         if inside and "work" in path.relative_to(storage).parts:
-            stray.append(path)  # a working file that outlived its step
+            stray.append(path)
     return stray
 
 
@@ -165,6 +168,7 @@ def test_bad_input_suite(
     tmp_path: Path,
 ) -> None:
     cases = _cases(tmp_path)
+    before = _storage_files()
     session = requests.Session()
     session.headers["Authorization"] = f"Token {personas.bob.token}"
     api = f"{live_server.url}/api/v1"
@@ -203,8 +207,9 @@ def test_bad_input_suite(
     assert session.get(f"{api}/models/").status_code == 200
 
     escaped = [str(p) for case in cases for p in case.escapes if p.exists()]
-    stray = _files_outside_storage_folders()
+    stray = _files_outside_storage_folders(before)
     incoming = [p for p in Path(settings.FILE_UPLOAD_TEMP_DIR).iterdir() if p.is_file()]
+    incoming = [p for p in incoming if p not in before]
     containers = _converter_containers()
 
     registry_services.versions_reconcile()
