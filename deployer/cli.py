@@ -186,6 +186,17 @@ def cmd_rollback(client: Client, args: argparse.Namespace, out: Output) -> int:
     return code
 
 
+def cmd_logs(client: Client, args: argparse.Namespace, out: Output) -> int:
+    deployment = client.deployment_find(args.model, args.deployment)
+    if args.follow:
+        for line in client.follow_logs(deployment["id"], tail=args.tail):
+            print(line, flush=True)
+        return EXIT_OK
+    logs = client.logs(deployment["id"], tail=args.tail)
+    out.result(logs, logs["lines"].rstrip("\n") or "No log lines yet.")
+    return EXIT_OK
+
+
 def _common(*, suppress: bool) -> argparse.ArgumentParser:
     """Options accepted before or after the command (``modelport --json push …`` or
     ``modelport push … --json``); after the command they only override when given."""
@@ -255,6 +266,15 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("--to-version", type=int, required=True)
     rollback.add_argument("--wait", action="store_true")
     rollback.set_defaults(handler=cmd_rollback)
+
+    logs = commands.add_parser("logs", parents=sub, help="Show a deployment's instance log.")
+    logs.add_argument("--model", required=True)
+    logs.add_argument("--deployment", default="production")
+    logs.add_argument("--tail", type=int, default=200, help="Lines to show first (default 200).")
+    logs.add_argument(
+        "--follow", "-f", action="store_true", help="Keep printing new lines as they come."
+    )
+    logs.set_defaults(handler=cmd_logs)
     return parser
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,16 +70,7 @@ class Client:
                 time.sleep(self.retry_wait_s * (attempt + 1))
                 continue
             break
-        if response.status_code >= 400:
-            try:
-                body = response.json()
-            except ValueError:
-                body = {"detail": response.text[:300] or response.reason}
-            raise ClientError(
-                str(body.get("detail", body)),
-                code=str(body.get("code", "error")),
-                status=response.status_code,
-            )
+        _raise_for_error(response)
         return response.json() if response.content else None
 
     # ------------------------------------------------------------ models and versions
@@ -180,6 +171,31 @@ class Client:
         )
         return result
 
+    def logs(self, deployment_id: int, *, tail: int = 200) -> dict[str, Any]:
+        result: dict[str, Any] = self._request(
+            "GET", f"deployments/{deployment_id}/logs", params={"tail": tail}
+        )
+        return result
+
+    def follow_logs(self, deployment_id: int, *, tail: int = 200) -> Iterator[str]:
+        """The last ``tail`` lines, then each new one while the deployment runs on the same
+        instance (the server ends the stream after a rollout or its time limit)."""
+        try:
+            response = requests.get(
+                f"{self.url.rstrip('/')}/api/v1/deployments/{deployment_id}/logs",
+                params={"tail": str(tail), "follow": "true"},
+                headers={"Authorization": f"Token {self.token}", "Accept": "text/plain"},
+                stream=True,
+                timeout=(self.timeout_s, 3600),
+            )
+        except requests.RequestException as exc:
+            raise ClientError(
+                f"Cannot reach ModelPort at {self.url}: {exc}", code="unreachable"
+            ) from exc
+        with response:
+            _raise_for_error(response)
+            yield from response.iter_lines(decode_unicode=True)
+
     def wait_revision(
         self, deployment_id: int, revision_id: int, *, timeout_s: float
     ) -> dict[str, Any]:
@@ -221,3 +237,17 @@ def _wait(
                 f"Gave up waiting for {what} after {timeout_s:.0f} s.", code="timeout"
             )
         time.sleep(poll_s)
+
+
+def _raise_for_error(response: requests.Response) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        body = response.json()
+    except ValueError:
+        body = {"detail": response.text[:300] or response.reason}
+    raise ClientError(
+        str(body.get("detail", body)),
+        code=str(body.get("code", "error")),
+        status=response.status_code,
+    )

@@ -315,6 +315,8 @@ MODELPORT_READY_TIMEOUT_S = env_int("MODELPORT_READY_TIMEOUT_S", 120, minimum=5)
 MODELPORT_TASK_MAX_ATTEMPTS = env_int("MODELPORT_TASK_MAX_ATTEMPTS", 3, minimum=1)
 # A row left in a working state this long without progress is handed back to a worker.
 MODELPORT_STALE_AFTER_S = env_int("MODELPORT_STALE_AFTER_S", 900, minimum=30)
+# A log follower (GET .../logs?follow=true) is a web thread held open: cap its length.
+MODELPORT_LOG_FOLLOW_MAX_S = env_int("MODELPORT_LOG_FOLLOW_MAX_S", 600, minimum=1)
 
 # ---------------------------------------------------------------- Conversion (issue 3)
 # Where uploads that are not ONNX are loaded and converted: auto (a throwaway container

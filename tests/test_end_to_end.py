@@ -147,6 +147,12 @@ def test_cli_push_deploy_rollback(
     assert code == 0
     assert [v["status"] for v in status["versions"]] == ["ready", "ready"]
 
+    # The live instance's log: the answer to our request is in it.
+    code, logs = run("logs", "--model", "cli-model", "--tail", "50")
+    assert code == 0
+    assert logs["revision"] == rolled["revision"]["id"]
+    assert "/infer" in logs["lines"]
+
     # Exit codes a pipeline can act on.
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a model at all")

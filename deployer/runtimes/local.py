@@ -131,11 +131,15 @@ class LocalProcessRuntime:
             return InstanceStatus(InstanceState.RUNNING)
         return InstanceStatus(InstanceState.EXITED, self._exit_detail(int(state["pid"])))
 
-    def logs(self, handle: str, *, tail: int = 200) -> str:
+    def log_file(self, handle: str) -> Path | None:
+        """The file the instance writes its output to (None for an unknown handle)."""
         state = self._state(handle)
-        if state is None:
+        return None if state is None else self.state_dir / str(state["log"])
+
+    def logs(self, handle: str, *, tail: int = 200) -> str:
+        path = self.log_file(handle)
+        if path is None:
             return ""
-        path = self.state_dir / str(state["log"])
         try:
             with path.open("r", encoding="utf-8", errors="replace") as handle_file:
                 return "".join(deque(handle_file, maxlen=tail))

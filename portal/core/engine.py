@@ -25,7 +25,7 @@ from deployer.images.model import ModelImageRequest, model_image_ensure
 from deployer.images.runtime import ImageConfig, runtime_image_ensure
 from deployer.proxy import NginxProxy, find_nginx
 from deployer.runtimes.base import Runtime
-from deployer.runtimes.docker import DockerRuntime, DockerSettings, read_log_file
+from deployer.runtimes.docker import DockerRuntime, DockerSettings, log_path, read_log_file
 from deployer.runtimes.local import LocalProcessRuntime
 from deployer.sandbox import Limits
 from deployer.tracking import TrackingTarget
@@ -111,6 +111,15 @@ def instance_logs(revision: Revision, *, tail: int = 200) -> str:
     if revision.runtime == "docker":
         return read_log_file(docker_log_dir(), revision.handle, tail=tail)
     return runtime_named("local").logs(revision.handle, tail=tail)
+
+
+def instance_log_file(revision: Revision) -> Path | None:
+    """The file an instance's output goes to (what ``instance_logs`` reads)."""
+    if not revision.handle:
+        return None
+    if revision.runtime == "docker":
+        return log_path(docker_log_dir(), revision.handle)
+    return LocalProcessRuntime(local_state_dir()).log_file(revision.handle)
 
 
 # ---------------------------------------------------------------- images

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from typing import Any
+
+from django.conf import settings
+from django.http import HttpResponseBase, StreamingHttpResponse
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import status
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -137,19 +142,51 @@ class RollbackView(APIView):
 
 
 class DeploymentLogsView(APIView):
-    """The last lines the deployment's live instance wrote."""
+    """The last lines the deployment's live instance wrote; with ``follow``, a stream."""
+
+    def perform_content_negotiation(self, request: Request, force: bool = False) -> Any:
+        # ``Accept: text/plain`` (a follower's) gets JSON when not following, not a 406.
+        return super().perform_content_negotiation(request, force=True)
 
     @extend_schema(
-        parameters=[OpenApiParameter("tail", int, description="Number of lines (default 200).")],
-        responses=LogsSerializer,
+        parameters=[
+            OpenApiParameter("tail", int, description="Number of lines (default 200)."),
+            OpenApiParameter(
+                "follow",
+                bool,
+                description="Stream the lines as text/plain, then every new line while the "
+                "deployment runs (at most MODELPORT_LOG_FOLLOW_MAX_S, or `seconds`).",
+            ),
+            OpenApiParameter("seconds", int, description="With follow: stop after this long."),
+        ],
+        responses={
+            (200, "application/json"): LogsSerializer,
+            (200, "text/plain"): OpenApiResponse(
+                OpenApiTypes.STR, description="With follow=true: the lines as they come."
+            ),
+        },
     )
-    def get(self, request: Request, deployment_id: int) -> Response:
+    def get(self, request: Request, deployment_id: int) -> HttpResponseBase:
         deployment = selectors.deployment_get(
             team=api_access(request).team, deployment_id=deployment_id
         )
-        try:
-            tail = max(1, min(int(request.query_params.get("tail", 200)), 5000))
-        except ValueError:
-            tail = 200
+        tail = _int_param(request, "tail", 200, 1, 5000)
+        if request.query_params.get("follow", "").lower() in ("1", "true", "yes"):
+            limit = settings.MODELPORT_LOG_FOLLOW_MAX_S
+            seconds = _int_param(request, "seconds", limit, 1, limit)
+            response = StreamingHttpResponse(
+                selectors.deployment_log_stream(deployment=deployment, tail=tail, seconds=seconds),
+                content_type="text/plain; charset=utf-8",
+            )
+            response["Cache-Control"] = "no-cache"
+            response["X-Accel-Buffering"] = "no"  # a proxy in front must not hold lines back
+            return response
         revision, lines = selectors.deployment_log_lines(deployment=deployment, tail=tail)
         return Response({"revision": revision.pk if revision else None, "lines": lines})
+
+
+def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
+    try:
+        return max(low, min(int(request.query_params.get(name, default)), high))
+    except ValueError:
+        return default

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+
 from django.db.models import QuerySet
 from django.http import Http404
 
+from deployer.logs import follow_file
 from portal.accounts.models import Team
+from portal.deployments.choices import DeploymentStatus
 from portal.deployments.models import Deployment, Revision
 from portal.registry.models import Model
+
+# Statuses in which a deployment has an instance serving.
+LIVE_DEPLOYMENT_STATUSES = (DeploymentStatus.RUNNING, DeploymentStatus.DEPLOYING)
 
 
 def deployment_list(*, team: Team, model: Model | None = None) -> QuerySet[Deployment]:
@@ -42,6 +50,35 @@ def deployment_log_lines(*, deployment: Deployment, tail: int = 200) -> tuple[Re
     if revision is None or not revision.handle:
         return revision, ""
     return revision, engine.instance_logs(revision, tail=tail)
+
+
+def deployment_log_stream(*, deployment: Deployment, tail: int, seconds: int) -> Iterator[str]:
+    """The live instance's last lines, then each new one, while the deployment runs on
+    that instance (for at most ``seconds``). Read from the log file, like the tail."""
+    from portal.core import engine
+
+    revision = deployment.current_revision or deployment.revisions.exclude(handle="").first()
+    path = engine.instance_log_file(revision) if revision is not None else None
+    if revision is None or path is None:
+        return
+    deadline = time.monotonic() + seconds
+    checked = [time.monotonic()]
+    serving = [deployment.status in LIVE_DEPLOYMENT_STATUSES]
+
+    def keep_going() -> bool:
+        now = time.monotonic()
+        if now >= deadline or not serving[0]:
+            return False
+        if now - checked[0] >= 2:  # is this instance still the deployment's?
+            checked[0] = now
+            serving[0] = Deployment.objects.filter(
+                pk=deployment.pk,
+                current_revision=revision,
+                status__in=LIVE_DEPLOYMENT_STATUSES,
+            ).exists()
+        return serving[0]
+
+    yield from follow_file(path, tail=tail, keep_going=keep_going)
 
 
 def revision_list(*, deployment: Deployment) -> QuerySet[Revision]:

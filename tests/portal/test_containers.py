@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import random
+import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -170,6 +172,34 @@ def test_logs_are_read_without_the_docker_socket(
         response = personas.vera.client().get(f"/api/v1/deployments/{deployment.pk}/logs?tail=20")
     assert response.status_code == 200, response.content
     assert "ready" in str(response.json())
+
+    # Follow: the tail, then the lines the instance writes while the stream is open.
+    marker = f"follow-{uuid.uuid4().hex[:8]}"
+
+    def request_later() -> None:
+        time.sleep(1.5)
+        requests.get(f"{deployment.endpoint_url}/versions/{marker}", timeout=10)
+
+    later = threading.Thread(target=request_later)
+    later.start()
+    with monkeypatch.context() as patched:
+        patched.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+        started = time.monotonic()
+        stream = personas.vera.client().get(
+            f"/api/v1/deployments/{deployment.pk}/logs",
+            {"follow": "true", "tail": 3, "seconds": 5},
+            HTTP_ACCEPT="text/plain",
+        )
+        assert stream.status_code == 200
+        assert stream["Content-Type"].startswith("text/plain")
+        text = b"".join(stream.streaming_content).decode()
+        seconds = time.monotonic() - started
+    later.join()
+    lines = text.splitlines()
+    assert len(lines) >= 4  # the 3-line tail, then what came after
+    assert marker not in "".join(lines[:3])
+    assert any(marker in line for line in lines[3:]), text
+    assert 4 <= seconds < 15  # it ended by itself at ``seconds``
 
 
 def test_rollout_and_rollback_under_load_drop_no_request(
