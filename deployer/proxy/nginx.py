@@ -3,16 +3,26 @@
 ModelPort never proxies requests itself. It writes one small include file per
 deployment (an ``upstream`` with the live instance's address and a ``location``
 for the deployment's path) and asks nginx to reload: nginx starts new workers on
-the new configuration and lets the old ones finish the requests they hold, so a
-switch drops nothing. Every value written passes an allowlist first.
+the new configuration and lets the old ones finish the requests they hold. Every
+value written passes an allowlist first.
+
+A reload alone would still drop requests now and then: the old workers close their
+idle keep-alive connections at once, and a client that sent a request on such a
+connection in that instant gets a reset (measured: 6 failures in 200 reloads under
+300 req/s). So two nginx masters run: a *gateway* that holds the clients'
+connections and is never reloaded for a route, and the *router* behind it that
+holds the routes and is reloaded. The gateway opens a new loopback connection to
+the router for each request, so no request is ever sent on a connection a reload
+is closing.
 
 Two ways to run nginx:
 
 - *managed*: ModelPort writes the whole configuration under its data folder and
-  starts (and reloads) an nginx master process of its own (``make run``, tests);
-- *external*: nginx runs elsewhere (its own container in docker-compose) and
-  includes the route folder; ModelPort writes the route files and calls a reload
-  hook (for docker-compose: a SIGHUP to the proxy container).
+  starts the gateway and router masters itself, and reloads the router (``make run``,
+  tests);
+- *external*: nginx runs elsewhere (its own container in docker-compose, with both
+  masters) and includes the route folder; ModelPort writes the route files and calls
+  a reload hook (for docker-compose: a SIGHUP to the proxy container's router).
 """
 
 from __future__ import annotations
@@ -142,6 +152,14 @@ class NginxProxy:
     def pid_file(self) -> Path:
         return self.conf_dir / "nginx.pid"
 
+    @property
+    def gateway_conf(self) -> Path:
+        return self.conf_dir / "gateway.conf"
+
+    @property
+    def gateway_pid_file(self) -> Path:
+        return self.conf_dir / "gateway.pid"
+
     def url(self, prefix: str) -> str:
         """The public URL of a route path."""
         return f"{self.public_url}{prefix}"
@@ -253,10 +271,10 @@ class NginxProxy:
 
     # ------------------------------------------------------------ nginx process
     def running(self) -> bool:
-        """Whether the managed nginx master runs (an external one is assumed to)."""
+        """Whether the managed gateway and router run (an external proxy is assumed to)."""
         if not self.managed:
             return True
-        return self._master_pid() is not None
+        return self._master_pid() is not None and self._gateway_pid() is not None
 
     def ensure_running(self) -> None:
         """Start the managed nginx when it is not running (a no-op for an external one)."""
@@ -268,18 +286,19 @@ class NginxProxy:
 
     def stop(self, *, timeout_s: float = 10.0) -> None:
         """Stop the managed nginx gracefully (it finishes the requests it holds)."""
-        pid = self._master_pid()
-        if pid is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGQUIT)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and self._master_pid() is not None:
-            time.sleep(0.05)
-        pid = self._master_pid()
-        if pid is not None:
+        for find in (self._gateway_pid, self._master_pid):
+            pid = find()
+            if pid is None:
+                continue
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGQUIT)
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline and find() is not None:
+                time.sleep(0.05)
+            pid = find()
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
     def _apply(self) -> None:
         if not self.managed:
@@ -290,7 +309,7 @@ class NginxProxy:
                 raise ProxyError(f"The proxy could not be reloaded: {exc}") from exc
             return
         pid = self._master_pid()
-        if pid is None:
+        if pid is None or self._gateway_pid() is None:
             self._start()
             return
         self._test_config()
@@ -323,15 +342,21 @@ class NginxProxy:
         )
 
     def _start(self) -> None:
+        """Start the router, then the gateway in front of it (a half left over from a
+        crash is stopped first: both are configured together)."""
         if not self.nginx:
             raise ProxyError("nginx is not installed on this host (apt-get install nginx).")
+        self.stop()
         self._write_main()
         self._test_config()
-        result = subprocess.run(
-            [self.nginx, *self._args()], capture_output=True, text=True, timeout=30
-        )
-        if result.returncode != 0:
-            raise ProxyError(f"nginx did not start: {self._tail(result.stderr)}")
+        self._test_config(self.gateway_conf)
+        for conf in (self.main_conf, self.gateway_conf):
+            result = subprocess.run(
+                [self.nginx, *self._args(conf)], capture_output=True, text=True, timeout=30
+            )
+            if result.returncode != 0:
+                self.stop()
+                raise ProxyError(f"nginx did not start: {self._tail(result.stderr)}")
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             with contextlib.suppress(requests.RequestException):
@@ -340,35 +365,34 @@ class NginxProxy:
             time.sleep(0.05)
         raise ProxyError(f"nginx started but does not answer on {self.listen}.")
 
-    def _test_config(self) -> None:
+    def _test_config(self, conf: Path | None = None) -> None:
         if not self.nginx:
             raise ProxyError("nginx is not installed on this host (apt-get install nginx).")
         result = subprocess.run(
-            [self.nginx, "-t", "-q", *self._args()], capture_output=True, text=True, timeout=30
+            [self.nginx, "-t", "-q", *self._args(conf or self.main_conf)],
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
         if result.returncode != 0:
             raise ProxyError(f"nginx refused the configuration: {self._tail(result.stderr)}")
 
-    def _args(self) -> list[str]:
+    def _args(self, conf: Path) -> list[str]:
         return [
             "-p",
             str(self.conf_dir),
             "-c",
-            str(self.main_conf),
+            str(conf),
             "-e",
             str(self.conf_dir / "logs" / "error.log"),
         ]
 
     def _master_pid(self) -> int | None:
-        try:
-            pid = int(self.pid_file.read_text().strip())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except (OSError, ValueError):
-            return None
-        # A reused process id must not count: the master names our config on its command line.
-        if b"nginx" not in cmdline or str(self.main_conf).encode() not in cmdline:
-            return None
-        return pid
+        """The router's master process."""
+        return _nginx_pid(self.pid_file, self.main_conf)
+
+    def _gateway_pid(self) -> int | None:
+        return _nginx_pid(self.gateway_pid_file, self.gateway_conf)
 
     @staticmethod
     def _tail(text: str) -> str:
@@ -424,11 +448,16 @@ class NginxProxy:
             nobody = pwd.getpwnam("nobody")
             os.chown(temp, nobody.pw_uid, nobody.pw_gid)
             user = "user nobody nogroup;\n" if _group_exists("nogroup") else "user nobody;\n"
-        _atomic_write(self.main_conf, main_config(root, self.listen, self.worker_processes, user))
+        router = f"127.0.0.1:{_free_port()}"
+        _atomic_write(self.main_conf, main_config(root, router, self.worker_processes, user))
+        _atomic_write(
+            self.gateway_conf,
+            gateway_config(root, self.listen, router, self.worker_processes, user),
+        )
 
 
 def main_config(root: Path, listen: str, worker_processes: int, user: str = "") -> str:
-    """The managed nginx's whole configuration (the compose proxy ships its own copy)."""
+    """The managed router's whole configuration (the compose proxy ships its own copy)."""
     temp = root / "temp"
     return f"""# Written by ModelPort; it is rewritten on every start.
 {user}worker_processes {worker_processes};
@@ -453,6 +482,57 @@ http {{
 }}
 """
 
+
+def gateway_config(
+    root: Path, listen: str, router: str, worker_processes: int, user: str = ""
+) -> str:
+    """The managed gateway's configuration: everything to the router, never reloaded."""
+    temp = root / "temp"
+    return f"""# Written by ModelPort; it is rewritten on every start.
+{user}worker_processes {worker_processes};
+pid {root}/gateway.pid;
+error_log {root}/logs/error.log warn;
+events {{
+    worker_connections 4096;
+}}
+http {{
+{GATEWAY_COMMON}
+    client_body_temp_path {temp}/client;
+    proxy_temp_path {temp}/proxy;
+    fastcgi_temp_path {temp}/fastcgi;
+    uwsgi_temp_path {temp}/uwsgi;
+    scgi_temp_path {temp}/scgi;
+    upstream modelport_router {{
+        server {router} max_fails=0;
+    }}
+    server {{
+        listen {listen};
+        location / {{
+            proxy_pass http://modelport_router;
+        }}
+    }}
+}}
+"""
+
+
+# The gateway: clients keep their connections here while the router behind reloads.
+# Each request takes a new loopback connection to the router (no keep-alive there): a
+# reload makes the router close its idle connections, and a request sent on one in
+# that instant would fail, while a new connection always reaches a worker that
+# serves it to the end.
+GATEWAY_COMMON = """\
+    access_log off;
+    server_tokens off;
+    client_max_body_size 64m;
+    proxy_http_version 1.1;
+    proxy_set_header Connection "close";
+    proxy_set_header Host $http_host;
+    proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+    proxy_set_header X-Forwarded-Proto $scheme;
+    proxy_read_timeout 300s;
+    proxy_send_timeout 300s;
+    proxy_next_upstream error timeout non_idempotent;
+    proxy_next_upstream_tries 3;"""
 
 HTTP_COMMON = """\
     access_log off;
@@ -479,6 +559,26 @@ SERVER_COMMON = """\
             default_type application/json;
             return 404 '{"error": "no deployment at this address"}\\n';
         }"""
+
+
+def _nginx_pid(pid_file: Path, conf: Path) -> int | None:
+    try:
+        pid = int(pid_file.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return None
+    # A reused process id must not count: the master names our config on its command line.
+    if b"nginx" not in cmdline or str(conf).encode() not in cmdline:
+        return None
+    return pid
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def _children(parent: int) -> dict[int, str]:

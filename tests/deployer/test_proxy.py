@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.server
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -67,6 +68,53 @@ def test_switch_routes_a_stable_path_to_the_new_upstream(proxy: NginxProxy) -> N
     assert requests.get(url, timeout=5).status_code == 404
     one.shutdown()
     two.shutdown()
+
+
+def test_switches_under_keep_alive_load_drop_no_request(proxy: NginxProxy) -> None:
+    """Clients keep their connections open (as SDKs do) while the route switches back and
+    forth 100 times. With the router reloaded behind the gateway, none of them sees a
+    reset; with one reloaded nginx a few would (the idle-connection race on reload)."""
+    one, one_addr = _upstream("one")
+    two, two_addr = _upstream("two")
+    prefix = route_prefix("acme", "fraud", "production")
+    url = proxy.url(prefix) + "anything"
+    proxy.set_route(Route("d1", prefix, one_addr, 1))
+    stop = threading.Event()
+    sent, failures, answers = [0], [], set()
+    lock = threading.Lock()
+
+    def client() -> None:
+        session = requests.Session()
+        while not stop.is_set():
+            try:
+                response = session.get(url, timeout=10)
+                status = response.status_code
+                outcome = response.text if status == 200 else f"HTTP {status}"
+            except requests.RequestException as exc:
+                outcome = f"{type(exc).__name__}: {exc}"
+            with lock:
+                sent[0] += 1
+                if outcome in ("one", "two"):
+                    answers.add(outcome)
+                else:
+                    failures.append(outcome)
+            time.sleep(0.005)
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for index in range(100):
+        upstream = (two_addr, one_addr)[index % 2]
+        proxy.set_route(Route("d1", prefix, upstream, index + 2))
+        time.sleep(0.02)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=20)
+    one.shutdown()
+    two.shutdown()
+    assert sent[0] > 1000
+    assert failures == []
+    assert answers == {"one", "two"}
 
 
 def test_a_route_that_does_not_answer_is_rolled_back(proxy: NginxProxy) -> None:

@@ -22,7 +22,7 @@ import requests
 from django.core.files.uploadedfile import SimpleUploadedFile
 
 from deployer.images import BaseImageSpec, base_image_ensure, docker_client, image_build
-from deployer.proxy.nginx import HTTP_COMMON, SERVER_COMMON
+from deployer.proxy.nginx import GATEWAY_COMMON, HTTP_COMMON, SERVER_COMMON
 from deployer.runtimes.docker import MANAGED
 from portal.core import engine
 from portal.deployments import services
@@ -68,10 +68,19 @@ def test_compose_file_is_valid() -> None:
     assert "8080" in str(services["proxy"]["ports"])
 
 
-def test_compose_nginx_config_matches_the_managed_one(tmp_path: Path) -> None:
-    text = (REPO / "deployer" / "proxy" / "nginx-compose.conf").read_text()
-    assert HTTP_COMMON in text
-    assert SERVER_COMMON in text
+@pytest.mark.parametrize(
+    ("name", "common"),
+    [
+        ("nginx-compose.conf", (HTTP_COMMON, SERVER_COMMON)),
+        ("gateway-compose.conf", (GATEWAY_COMMON,)),
+    ],
+)
+def test_compose_nginx_configs_match_the_managed_ones(
+    tmp_path: Path, name: str, common: tuple[str, ...]
+) -> None:
+    text = (REPO / "deployer" / "proxy" / name).read_text()
+    for part in common:
+        assert part in text
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     require("nginx", os.access(nginx, os.X_OK), "apt-get install nginx (make test does)")
     local = tmp_path / "nginx.conf"
