@@ -258,7 +258,8 @@ MLFLOW_UI_URL = (
 # ---------------------------------------------------------------- Engine
 # Where serving instances run: local processes, Docker containers, or auto (Docker
 # when the deploy worker finds an engine that answers, else local processes).
-MODELPORT_RUNTIME = env_choice("MODELPORT_RUNTIME", "local", ("local", "docker", "auto"))
+# Docker when the deploy worker finds an engine, local processes when it does not.
+MODELPORT_RUNTIME = env_choice("MODELPORT_RUNTIME", "auto", ("local", "docker", "auto"))
 MODELPORT_SERVING_HOST = env_str("MODELPORT_SERVING_HOST", "127.0.0.1")
 
 

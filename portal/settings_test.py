@@ -16,6 +16,8 @@ os.environ.setdefault(
 )
 # Only set in tests that start their own MLflow server; otherwise a private SQLite store.
 os.environ.setdefault("MODELPORT_SECRET_KEY", "test-only-" + "k" * 40)
+# Local processes unless a test asks for containers (the docker_mode fixture).
+os.environ.setdefault("MODELPORT_RUNTIME", "local")
 
 
 def _free_port() -> int:

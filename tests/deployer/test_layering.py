@@ -47,3 +47,22 @@ def test_portal_is_what_imports_django() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert result.stdout.strip().endswith("True")
+
+
+def test_a_plain_install_can_compile_the_grpc_module() -> None:
+    """The generated gRPC module is not in git: a local serving process compiles it on
+    first start. So grpcio-tools must come with a plain install (``make run`` installs
+    no extras), not only with the dev extra."""
+    import re
+    import tomllib
+
+    from tests.conftest import REPO
+
+    tracked = subprocess.run(
+        ["git", "ls-files", "deployer/serving/proto"], cwd=REPO, capture_output=True, text=True
+    ).stdout
+    assert "grpc_predict_v2.proto" in tracked
+    assert "_pb2" not in tracked
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    plain = {re.split(r"[<>=!~;\[ ]", dep, maxsplit=1)[0] for dep in project["dependencies"]}
+    assert "grpcio-tools" in plain
