@@ -458,58 +458,59 @@ class NginxProxy:
 
 def main_config(root: Path, listen: str, worker_processes: int, user: str = "") -> str:
     """The managed router's whole configuration (the compose proxy ships its own copy)."""
-    temp = root / "temp"
-    return f"""# Written by ModelPort; it is rewritten on every start.
-{user}worker_processes {worker_processes};
-pid {root}/nginx.pid;
-error_log {root}/logs/error.log warn;
-events {{
-    worker_connections 4096;
-}}
-http {{
-{HTTP_COMMON}
-    client_body_temp_path {temp}/client;
-    proxy_temp_path {temp}/proxy;
-    fastcgi_temp_path {temp}/fastcgi;
-    uwsgi_temp_path {temp}/uwsgi;
-    scgi_temp_path {temp}/scgi;
-    include {root}/upstreams/*.conf;
-    server {{
-        listen {listen};
+    return _config(
+        root,
+        "nginx.pid",
+        worker_processes,
+        user,
+        http=f"""{HTTP_COMMON}
+    include {root}/upstreams/*.conf;""",
+        server=f"""        listen {listen};
 {SERVER_COMMON}
-        include {root}/locations/*.conf;
-    }}
-}}
-"""
+        include {root}/locations/*.conf;""",
+    )
 
 
 def gateway_config(
     root: Path, listen: str, router: str, worker_processes: int, user: str = ""
 ) -> str:
     """The managed gateway's configuration: everything to the router, never reloaded."""
+    return _config(
+        root,
+        "gateway.pid",
+        worker_processes,
+        user,
+        http=f"""{GATEWAY_COMMON}
+    upstream modelport_router {{
+        server {router} max_fails=0;
+    }}""",
+        server=f"""        listen {listen};
+        location / {{
+            proxy_pass http://modelport_router;
+        }}""",
+    )
+
+
+def _config(
+    root: Path, pid: str, worker_processes: int, user: str, *, http: str, server: str
+) -> str:
     temp = root / "temp"
     return f"""# Written by ModelPort; it is rewritten on every start.
 {user}worker_processes {worker_processes};
-pid {root}/gateway.pid;
+pid {root}/{pid};
 error_log {root}/logs/error.log warn;
 events {{
     worker_connections 4096;
 }}
 http {{
-{GATEWAY_COMMON}
     client_body_temp_path {temp}/client;
     proxy_temp_path {temp}/proxy;
     fastcgi_temp_path {temp}/fastcgi;
     uwsgi_temp_path {temp}/uwsgi;
     scgi_temp_path {temp}/scgi;
-    upstream modelport_router {{
-        server {router} max_fails=0;
-    }}
+{http}
     server {{
-        listen {listen};
-        location / {{
-            proxy_pass http://modelport_router;
-        }}
+{server}
     }}
 }}
 """
