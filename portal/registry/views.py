@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -163,7 +167,7 @@ def version_detail(request: HttpRequest, name: str, number: int) -> HttpResponse
     access = page_access(request)
     model = selectors.model_get(team=access.team, name=name)
     version = selectors.version_get(model=model, number=number)
-    events = (
+    events = _fold_build_steps(
         Event.objects.filter(version=version).select_related("actor").order_by("created_at", "id")
     )
     context = {
@@ -189,6 +193,46 @@ def version_detail(request: HttpRequest, name: str, number: int) -> HttpResponse
     return render_page_or_fragment(
         request, "registry/version_detail.html", "registry/htmx/version_status.html", context
     )
+
+
+@dataclass
+class _FoldedSteps:
+    """Consecutive Docker build steps shown as one timeline entry that opens to all of them."""
+
+    first: Event
+    steps: list[str] = field(default_factory=list)
+    last: Event | None = None
+    step = "build"
+    level = "info"
+    duration_ms = None
+    actor = None
+
+    @property
+    def message(self) -> str:
+        return f"Docker build, {len(self.steps)} steps"
+
+    @property
+    def created_at(self) -> Any:
+        return (self.last or self.first).created_at
+
+
+def _fold_build_steps(events: Iterable[Event]) -> list[Event | _FoldedSteps]:
+    """The timeline with each run of ``Step N/M : …`` build lines folded into one entry."""
+    folded: list[Event | _FoldedSteps] = []
+    for event in events:
+        if event.step == "build" and _BUILD_STEP.match(event.message):
+            last = folded[-1] if folded else None
+            if not isinstance(last, _FoldedSteps):
+                last = _FoldedSteps(first=event)
+                folded.append(last)
+            last.steps.append(event.message)
+            last.last = event
+            continue
+        folded.append(event)
+    return folded
+
+
+_BUILD_STEP = re.compile(r"^Step \d+/\d+ : ")
 
 
 def _tail(path: Path, *, lines: int) -> str:

@@ -93,6 +93,32 @@ def test_upload_form_stores_a_version_and_shows_it_live(
     assert b"hx-trigger" not in client.get("/models/demo/", HTTP_HX_REQUEST="true").content
 
 
+def test_docker_build_steps_fold_into_one_timeline_entry(personas: Personas) -> None:
+    from portal.core.services import event_record
+
+    model = Model.objects.create(team=personas.acme, name="demo")
+    version = ready_version(model, 1)
+    lines = [
+        "Building the cpu runtime image",
+        "Step 1/3 : ARG BASE_IMAGE",
+        "Step 2/3 : FROM ${BASE_IMAGE}",
+        "Step 3/3 : COPY app/ /app/",
+        "Built image x",
+    ]
+    for line in lines:
+        event_record(team=personas.acme, version=version, step="build", message=line)
+    page = _signed_in("bob").get("/models/demo/versions/1/").content.decode()
+    timeline = page[page.index('class="timeline"') :]
+    assert timeline.count('<li class="tl-') == 3  # before, the folded steps, after
+    assert "Docker build, 3 steps" in timeline
+    assert "<code>Step 2/3 : FROM ${BASE_IMAGE}</code>" in timeline
+    assert (
+        timeline.index("Building the cpu")
+        < timeline.index("Docker build")
+        < timeline.index("Built image x")
+    )
+
+
 def test_failed_version_page_shows_the_cause(personas: Personas) -> None:
     model = Model.objects.create(team=personas.acme, name="demo")
     version = ready_version(model, 1)
