@@ -38,6 +38,12 @@ class Client:
     retries: int = 3
     retry_wait_s: float = 1.0
 
+    def _url(self, path: str) -> str:
+        return f"{self.url.rstrip('/')}/api/v1/{path.lstrip('/')}"
+
+    def _unreachable(self, exc: Exception) -> ClientError:
+        return ClientError(f"Cannot reach ModelPort at {self.url}: {exc}", code="unreachable")
+
     def _request(self, method: str, path: str, **kwargs: Any) -> Any:
         """One API call. Mutating calls carry an Idempotency-Key and are retried with the
         same key when the connection breaks or a proxy answers 502-504, so a retry never
@@ -54,7 +60,7 @@ class Client:
             try:
                 response = requests.request(
                     method,
-                    f"{self.url.rstrip('/')}/api/v1/{path.lstrip('/')}",
+                    self._url(path),
                     headers=headers,
                     timeout=timeout,
                     **kwargs,
@@ -63,9 +69,7 @@ class Client:
                 if attempt + 1 < attempts:
                     time.sleep(self.retry_wait_s * (attempt + 1))
                     continue
-                raise ClientError(
-                    f"Cannot reach ModelPort at {self.url}: {exc}", code="unreachable"
-                ) from exc
+                raise self._unreachable(exc) from exc
             if response.status_code in (502, 503, 504) and attempt + 1 < attempts:
                 time.sleep(self.retry_wait_s * (attempt + 1))
                 continue
@@ -182,16 +186,14 @@ class Client:
         instance (the server ends the stream after a rollout or its time limit)."""
         try:
             response = requests.get(
-                f"{self.url.rstrip('/')}/api/v1/deployments/{deployment_id}/logs",
+                self._url(f"deployments/{deployment_id}/logs"),
                 params={"tail": str(tail), "follow": "true"},
                 headers={"Authorization": f"Token {self.token}", "Accept": "text/plain"},
                 stream=True,
                 timeout=(self.timeout_s, 3600),
             )
         except requests.RequestException as exc:
-            raise ClientError(
-                f"Cannot reach ModelPort at {self.url}: {exc}", code="unreachable"
-            ) from exc
+            raise self._unreachable(exc) from exc
         with response:
             _raise_for_error(response)
             yield from response.iter_lines(decode_unicode=True)

@@ -6,12 +6,22 @@ their own), so whoever follows a log needs only that file, never the Docker engi
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 CHUNK = 64 * 1024
+
+
+def tail_lines(path: Path, count: int = 200) -> str:
+    """The last ``count`` lines of a text file ("" when it cannot be read)."""
+    try:
+        with path.open("r", encoding="utf-8", errors="replace") as handle:
+            return "".join(deque(handle, maxlen=count))
+    except OSError:
+        return ""
 
 
 def follow_file(
@@ -40,7 +50,7 @@ def follow_file(
                         return
                     time.sleep(poll_s)
                     continue
-                inode = _inode(path)
+                inode = os.fstat(handle.fileno()).st_ino
                 last = deque(handle, maxlen=tail + 1) if tail > 0 else deque()
                 if last and not last[-1].endswith(b"\n"):
                     pending = last.pop()  # a line still being written
@@ -72,13 +82,6 @@ def follow_file(
 def _decode(lines: Iterator[bytes] | deque[bytes]) -> Iterator[str]:
     for line in lines:
         yield line.decode("utf-8", errors="replace")
-
-
-def _inode(path: Path) -> int:
-    try:
-        return path.stat().st_ino
-    except OSError:
-        return -1
 
 
 def _replaced(path: Path, inode: int, position: int) -> bool:

@@ -26,7 +26,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -35,14 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.serving.models import build_mlp
+from deployer.runtimes.local import free_port
 
 MB = 1024 * 1024
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _setup(data_dir: Path) -> None:
@@ -52,7 +46,7 @@ def _setup(data_dir: Path) -> None:
             "MODELPORT_DATA_DIR": str(data_dir),
             "MODELPORT_RUNTIME": "docker",
             "MODELPORT_PROXY": "nginx",
-            "MODELPORT_PROXY_LISTEN": f"127.0.0.1:{_free_port()}",
+            "MODELPORT_PROXY_LISTEN": f"127.0.0.1:{free_port('127.0.0.1')}",
             "MODELPORT_SECRET_KEY": "bench-only-" + "k" * 40,
             "MODELPORT_LOG_LEVEL": "WARNING",
         }

@@ -44,6 +44,7 @@ from pathlib import Path
 import requests
 
 from deployer.errors import DeployerError
+from deployer.runtimes.local import free_port
 
 REVISION_HEADER = "X-ModelPort-Revision"
 _KEY = re.compile(r"^[a-z][a-z0-9-]{0,40}$")
@@ -448,7 +449,7 @@ class NginxProxy:
             nobody = pwd.getpwnam("nobody")
             os.chown(temp, nobody.pw_uid, nobody.pw_gid)
             user = "user nobody nogroup;\n" if _group_exists("nogroup") else "user nobody;\n"
-        router = f"127.0.0.1:{_free_port()}"
+        router = f"127.0.0.1:{free_port('127.0.0.1')}"
         _atomic_write(self.main_conf, main_config(root, router, self.worker_processes, user))
         _atomic_write(
             self.gateway_conf,
@@ -572,14 +573,6 @@ def _nginx_pid(pid_file: Path, conf: Path) -> int | None:
     if b"nginx" not in cmdline or str(conf).encode() not in cmdline:
         return None
     return pid
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _children(parent: int) -> dict[int, str]:

@@ -25,7 +25,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from deployer.errors import DeployerError, LaunchError
 from deployer.images.build import EngineUnavailable, docker_client
 from deployer.images.names import LABEL_PREFIX, check_labels, check_reference
 from deployer.images.runtime import RUNTIME_UID, SERVING_PORTS
+from deployer.logs import tail_lines
 from deployer.runtimes.base import (
     InstanceState,
     InstanceStatus,
@@ -435,11 +435,7 @@ def log_path(log_dir: Path, handle: str) -> Path:
 
 def read_log_file(log_dir: Path, handle: str, *, tail: int = 200) -> str:
     """The last ``tail`` lines the shipper saved for a container ("" when none)."""
-    try:
-        with log_path(log_dir, handle).open("r", encoding="utf-8", errors="replace") as handle_file:
-            return "".join(deque(handle_file, maxlen=tail))
-    except OSError:
-        return ""
+    return tail_lines(log_path(log_dir, handle), tail)
 
 
 def _process_alive(pid_file: Path) -> bool:

@@ -16,11 +16,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
 from deployer.errors import LaunchError
+from deployer.logs import tail_lines
 from deployer.runtimes.base import (
     InstanceState,
     InstanceStatus,
@@ -138,13 +138,7 @@ class LocalProcessRuntime:
 
     def logs(self, handle: str, *, tail: int = 200) -> str:
         path = self.log_file(handle)
-        if path is None:
-            return ""
-        try:
-            with path.open("r", encoding="utf-8", errors="replace") as handle_file:
-                return "".join(deque(handle_file, maxlen=tail))
-        except OSError:
-            return ""
+        return "" if path is None else tail_lines(path, tail)
 
     def owned(self) -> list[OwnedInstance]:
         instances = []

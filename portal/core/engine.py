@@ -23,9 +23,10 @@ from deployer.images.base import BaseImageSpec
 from deployer.images.build import BUILD_TIMEOUT_S, BuiltImage, LogSink, docker_client
 from deployer.images.model import ModelImageRequest, model_image_ensure
 from deployer.images.runtime import ImageConfig, runtime_image_ensure
+from deployer.logs import tail_lines
 from deployer.proxy import NginxProxy, find_nginx
 from deployer.runtimes.base import Runtime
-from deployer.runtimes.docker import DockerRuntime, DockerSettings, log_path, read_log_file
+from deployer.runtimes.docker import DockerRuntime, DockerSettings, log_path
 from deployer.runtimes.local import LocalProcessRuntime
 from deployer.sandbox import Limits
 from deployer.tracking import TrackingTarget
@@ -106,11 +107,8 @@ def instance_logs(revision: Revision, *, tail: int = 200) -> str:
     Local instances write their own log files; containers' output is copied into
     files by the deploy worker's log shipper. So the web process needs no socket.
     """
-    if not revision.handle:
-        return ""
-    if revision.runtime == "docker":
-        return read_log_file(docker_log_dir(), revision.handle, tail=tail)
-    return runtime_named("local").logs(revision.handle, tail=tail)
+    path = instance_log_file(revision)
+    return "" if path is None else tail_lines(path, tail)
 
 
 def instance_log_file(revision: Revision) -> Path | None:

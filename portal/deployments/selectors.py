@@ -46,10 +46,16 @@ def deployment_log_lines(*, deployment: Deployment, tail: int = 200) -> tuple[Re
     """
     from portal.core import engine
 
-    revision = deployment.current_revision or deployment.revisions.exclude(handle="").first()
+    revision = _log_revision(deployment)
     if revision is None or not revision.handle:
         return revision, ""
     return revision, engine.instance_logs(revision, tail=tail)
+
+
+def _log_revision(deployment: Deployment) -> Revision | None:
+    """The revision whose instance log a deployment shows: the live one, else the latest
+    that started an instance."""
+    return deployment.current_revision or deployment.revisions.exclude(handle="").first()
 
 
 def deployment_log_stream(*, deployment: Deployment, tail: int, seconds: int) -> Iterator[str]:
@@ -57,26 +63,27 @@ def deployment_log_stream(*, deployment: Deployment, tail: int, seconds: int) ->
     that instance (for at most ``seconds``). Read from the log file, like the tail."""
     from portal.core import engine
 
-    revision = deployment.current_revision or deployment.revisions.exclude(handle="").first()
+    revision = _log_revision(deployment)
     path = engine.instance_log_file(revision) if revision is not None else None
     if revision is None or path is None:
         return
     deadline = time.monotonic() + seconds
-    checked = [time.monotonic()]
-    serving = [deployment.status in LIVE_DEPLOYMENT_STATUSES]
+    checked = time.monotonic()
+    serving = deployment.status in LIVE_DEPLOYMENT_STATUSES
 
     def keep_going() -> bool:
+        nonlocal checked, serving
         now = time.monotonic()
-        if now >= deadline or not serving[0]:
+        if now >= deadline or not serving:
             return False
-        if now - checked[0] >= 2:  # is this instance still the deployment's?
-            checked[0] = now
-            serving[0] = Deployment.objects.filter(
+        if now - checked >= 2:  # is this instance still the deployment's?
+            checked = now
+            serving = Deployment.objects.filter(
                 pk=deployment.pk,
                 current_revision=revision,
                 status__in=LIVE_DEPLOYMENT_STATUSES,
             ).exists()
-        return serving[0]
+        return serving
 
     yield from follow_file(path, tail=tail, keep_going=keep_going)
 

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from django.contrib import messages
@@ -18,6 +16,7 @@ from django.urls import reverse
 from django.views.decorators.http import require_http_methods, require_POST
 from rest_framework.exceptions import APIException
 
+from deployer.logs import tail_lines
 from portal.accounts.access import page_access
 from portal.accounts.choices import Role
 from portal.core.htmx import render_page_or_fragment
@@ -188,7 +187,7 @@ def version_detail(request: HttpRequest, name: str, number: int) -> HttpResponse
             if variant
         ],
         "image": version.report.get("image"),
-        "build_log": _tail(version.storage_dir / "build.log", lines=200),
+        "build_log": tail_lines(version.storage_dir / "build.log", 200),
     }
     return render_page_or_fragment(
         request, "registry/version_detail.html", "registry/htmx/version_status.html", context
@@ -233,14 +232,6 @@ def _fold_build_steps(events: Iterable[Event]) -> list[Event | _FoldedSteps]:
 
 
 _BUILD_STEP = re.compile(r"^Step \d+/\d+ : ")
-
-
-def _tail(path: Path, *, lines: int) -> str:
-    try:
-        with path.open(encoding="utf-8", errors="replace") as handle:
-            return "".join(deque(handle, maxlen=lines))
-    except OSError:
-        return ""
 
 
 @login_required
