@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from deployer import __version__
 from deployer.serving.config import ServingConfig
 from deployer.serving.engine import Engine
 from deployer.serving.errors import NotFound, Unavailable
 from deployer.serving.jsonlog import AccessLog
+from deployer.serving.keys import KeyChecker
 from deployer.serving.model import ModelRunner
 from deployer.serving.stats import ModelStats
+
+if TYPE_CHECKING:
+    from deployer.serving.async_http import AsyncFront
 
 SERVER_NAME = "modelport"
 EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics"]
@@ -30,6 +35,21 @@ class ServingApp:
         self.draining = False
         # Requests received and not yet answered, across REST and gRPC.
         self.inflight = 0
+        # Set when --keys-file is given: the adapters call `authorize` once per request.
+        self.keys = KeyChecker(Path(config.keys_file)) if config.keys_file else None
+        # Set when --async-dir is given: Prefer: respond-async requests are spooled there.
+        self.async_front: AsyncFront | None = None
+        if config.async_dir:
+            from deployer.serving.async_http import AsyncFront
+
+            self.async_front = AsyncFront(self)
+
+    def authorize(self, authorization: str | None) -> str | None:
+        """The id of the request's key (None when open or public), for the access log;
+        raise Unauthorized/RateLimited unless the key is good."""
+        if self.keys is not None:
+            return self.keys.check(authorization)
+        return None
 
     @property
     def model(self) -> ModelRunner:

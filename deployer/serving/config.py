@@ -59,8 +59,32 @@ class ServingConfig:
     warmup: bool = True
     # A V2 JSON infer request body to warm up with, for models synthetic zeros do not fit.
     warmup_request: str = ""
+    # An .npz of the version's recorded sample (a known answer: input:NAME arrays) to warm
+    # up with and to check batching on; it wins over synthetic inputs, not over a request.
+    warmup_sample: str = ""
     uvloop: bool = True
-    grpc_impl: str = "native"
+    # Listener limits, all in one place (README "Limits"); each has a test on a real socket.
+    max_connections: int = 1024  # per listener (REST and gRPC each)
+    max_url_bytes: int = 8 * 1024  # REST: 414 past this
+    max_header_bytes: int = 64 * 1024  # REST: all header lines together; 431 past this
+    header_timeout_s: float = 10.0  # REST: a request head must arrive within this
+    keepalive_timeout_s: float = 15.0  # REST: idle keep-alive, and silence inside a body
+    max_queue_depth: int = 1024  # requests waiting for a batch; 503/RESOURCE_EXHAUSTED past it
+    grpc_max_concurrent_streams: int = 128
+    grpc_max_metadata_bytes: int = 16 * 1024
+    grpc_handshake_timeout_s: float = 10.0
+    grpc_idle_timeout_s: float = 300.0
+    grpc_max_connection_age_s: float = 0.0  # 0: no limit
+    # JSON file of API keys (README "Keys"); empty: no keys needed.
+    keys_file: str = ""
+    # A stable address handed between instances (deployer/serving/listen_socket.py).
+    listen_fds: str = ""
+    handover: str = ""
+    # Async inference (deployer/serving/async_http.py): the deployment's spool folder
+    # (empty: Prefer: respond-async is ignored), its bound, and the callback hosts.
+    async_dir: str = ""
+    async_max_queue: int = 1000
+    async_callback_hosts: str = ""
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {
@@ -68,7 +92,6 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "graph_optimization_level": ("disable", "basic", "extended", "all"),
     "execution_mode": ("sequential", "parallel"),
     "log_level": ("debug", "info", "warning", "error"),
-    "grpc_impl": ("native", "aio"),
 }
 
 _HELP: dict[str, str] = {
@@ -96,8 +119,25 @@ _HELP: dict[str, str] = {
     "log_level": "log level",
     "warmup": "run a warm-up inference before reporting ready",
     "warmup_request": "JSON file with a V2 infer request to warm up with (default: zeros)",
+    "warmup_sample": ".npz of the recorded sample (known answer) to warm up and probe batching",
     "uvloop": "use uvloop when it is installed",
-    "grpc_impl": "gRPC transport: native (our HTTP/2, fastest) or aio (grpcio's server)",
+    "max_connections": "open connections allowed per listener",
+    "max_url_bytes": "longest accepted REST request target (414 past it)",
+    "max_header_bytes": "largest accepted REST header block (431 past it)",
+    "header_timeout_s": "seconds a client has to send a whole REST request head",
+    "keepalive_timeout_s": "seconds an idle REST connection (or a stalled body) is kept",
+    "max_queue_depth": "requests allowed to wait for a batch (503 / RESOURCE_EXHAUSTED past it)",
+    "grpc_max_concurrent_streams": "gRPC streams allowed at once on one connection",
+    "grpc_max_metadata_bytes": "largest accepted gRPC metadata (header list) size",
+    "grpc_handshake_timeout_s": "seconds a gRPC client has to finish the HTTP/2 handshake",
+    "grpc_idle_timeout_s": "seconds an idle gRPC connection is kept",
+    "grpc_max_connection_age_s": "close gRPC connections after this many seconds (0: never)",
+    "keys_file": "JSON file of API keys to require (empty: open)",
+    "listen_fds": "inherited public listening sockets HTTP_FD,GRPC_FD (GRPC_FD -1: none)",
+    "handover": "Unix control socket that hands the public sockets on and activates them",
+    "async_dir": "spool folder for Prefer: respond-async requests (empty: answer them now)",
+    "async_max_queue": "async requests allowed to wait (429 with Retry-After past it)",
+    "async_callback_hosts": "comma-separated hosts (or host:port) async callbacks may go to",
 }
 
 _FIELDS = {f.name: f for f in dataclasses.fields(ServingConfig)}
@@ -110,8 +150,13 @@ _FIELD_TYPES: dict[str, type] = {
     "graph_optimization_level": str,
     "execution_mode": str,
     "log_level": str,
-    "grpc_impl": str,
     "warmup_request": str,
+    "warmup_sample": str,
+    "keys_file": str,
+    "listen_fds": str,
+    "handover": str,
+    "async_dir": str,
+    "async_callback_hosts": str,
 }
 
 
@@ -166,18 +211,39 @@ def _validate(values: dict[str, Any]) -> None:
         "intra_op_threads",
         "workers",
         "max_body_bytes",
+        "grpc_max_connection_age_s",
     ):
         if name in values and values[name] < 0:
             raise ConfigError(f"{name}: must not be negative")
-    for name in ("max_inflight_batches", "inter_op_threads"):
+    for name in (
+        "max_inflight_batches",
+        "inter_op_threads",
+        "max_connections",
+        "max_url_bytes",
+        "max_header_bytes",
+        "max_queue_depth",
+        "async_max_queue",
+        "grpc_max_concurrent_streams",
+        "grpc_max_metadata_bytes",
+    ):
         if name in values and values[name] < 1:
             raise ConfigError(f"{name}: must be at least 1")
+    for name in (
+        "header_timeout_s",
+        "keepalive_timeout_s",
+        "grpc_handshake_timeout_s",
+        "grpc_idle_timeout_s",
+    ):
+        if name in values and not values[name] > 0:
+            raise ConfigError(f"{name}: must be more than 0")
     if not values.get("model_name"):
         raise ConfigError("model_name: required (--model-name)")
     if "/" in values["model_name"]:
         raise ConfigError("model_name: must not contain '/'")
     if not values.get("model"):
         raise ConfigError("model: required (--model)")
+    if bool(values.get("listen_fds")) != bool(values.get("handover")):
+        raise ConfigError("listen_fds and handover: set both or neither")
 
 
 class _Parser(argparse.ArgumentParser):

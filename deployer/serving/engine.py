@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
-from deployer.serving.errors import BadRequest, ServingError
+from deployer.serving.errors import BadRequest, Overloaded, ServingError
 from deployer.serving.model import Array, ModelRunner
 from deployer.serving.stats import ModelStats
 
@@ -30,7 +30,7 @@ Done = Callable[[list[Array] | BaseException], None]
 class _Pending:
     """One request waiting for, or riding in, a batch."""
 
-    __slots__ = ("done", "enqueued", "feeds", "key", "rows")
+    __slots__ = ("cancelled", "done", "enqueued", "feeds", "key", "rows")
 
     def __init__(self, feeds: dict[str, Array], rows: int, key: Hashable, done: Done) -> None:
         self.feeds = feeds
@@ -38,6 +38,7 @@ class _Pending:
         self.key = key
         self.done = done
         self.enqueued = time.perf_counter_ns()
+        self.cancelled = False
 
 
 class _BatchResult:
@@ -51,6 +52,10 @@ class _BatchResult:
         self.errors: list[list[Array] | BaseException] | None = None
         self.input_ns = 0
         self.infer_ns = 0
+
+
+class _NotRowWise(Exception):
+    """A merged batch's outputs did not come back with one row per input row."""
 
 
 def _request_error(exc: BaseException) -> BaseException:
@@ -69,11 +74,13 @@ class Engine:
         *,
         max_queue_delay_us: int,
         max_inflight: int,
+        max_queue_depth: int = 1024,
     ) -> None:
         self.runner = runner
         self.stats = stats
         self.max_delay_ns = max_queue_delay_us * 1000
         self.max_inflight = max_inflight
+        self.max_queue_depth = max_queue_depth
         self.executor = ThreadPoolExecutor(max_workers=max_inflight, thread_name_prefix="infer")
         self._queue: deque[_Pending] = deque()
         self._inflight = 0
@@ -101,27 +108,57 @@ class Engine:
         self.submit_callback(feeds, resolve)
         return future
 
-    def submit_callback(self, feeds: dict[str, Array], done: Done) -> None:
+    def submit_callback(self, feeds: dict[str, Array], done: Done) -> _Pending:
         """Queue validated feeds; `done` is called on the loop with the outputs or an error.
 
-        Cheaper than a future on the hot path: no future, no extra loop iteration.
+        Cheaper than a future on the hot path: no future, no extra loop iteration. Raises
+        Overloaded when `max_queue_depth` requests are already waiting. The handle returned
+        can be given to `cancel` when the caller goes away.
         """
+        if len(self._queue) >= self.max_queue_depth:
+            raise Overloaded(
+                f"the batch queue is full ({self.max_queue_depth} requests waiting); retry later"
+            )
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
-        if self.runner.batchable:
-            first = next(iter(feeds.values()))
-            rows = int(first.shape[0])
-            if len(feeds) == 1:
-                key: Hashable = (first.shape[1:], first.dtype.char)
-            else:
-                if any(int(a.shape[0]) != rows for a in feeds.values()):
-                    raise BadRequest("all inputs must have the same batch size (first dimension)")
-                key = tuple((a.shape[1:], a.dtype.char) for a in feeds.values())
+        runner = self.runner
+        if runner.batchable:
+            # The key holds every input's shape without its batch axis: only requests of
+            # the same shapes and types are merged.
+            axes = runner.input_axes
+            rows = -1
+            parts: list[Hashable] = []
+            for spec in runner.inputs:
+                array = feeds[spec.name]
+                axis = axes[spec.name]
+                size = int(array.shape[axis])
+                if rows < 0:
+                    rows = size
+                elif size != rows:
+                    raise BadRequest(
+                        f"the inputs' batch sizes differ: {spec.name!r} has {size} on its "
+                        f"batch axis {axis}, {runner.inputs[0].name!r} has {rows}"
+                    )
+                parts.append((array.shape[:axis] + array.shape[axis + 1 :], array.dtype.char))
+            key: Hashable = tuple(parts)
         else:
             rows, key = 1, None
-        self._queue.append(_Pending(feeds, rows, key, done))
+        pending = _Pending(feeds, rows, key, done)
+        self._queue.append(pending)
         self.stats.pending_requests += 1
         self._dispatch()
+        return pending
+
+    def cancel(self, pending: _Pending) -> None:
+        """Drop a request whose caller went away (a reset stream), if it is still queued."""
+        if pending.cancelled:
+            return
+        pending.cancelled = True
+        try:
+            self._queue.remove(pending)
+        except ValueError:
+            return  # already running: its answer is dropped by the caller
+        self.stats.pending_requests -= 1
 
     def _dispatch(self) -> None:
         queue = self._queue
@@ -179,17 +216,22 @@ class Engine:
         if len(batch) == 1:
             feeds = batch[0].feeds
         else:
+            axes = self.runner.input_axes
             feeds = {
-                name: np.concatenate([p.feeds[name] for p in batch]) for name in batch[0].feeds
+                name: np.concatenate([p.feeds[name] for p in batch], axis=axes[name])
+                for name in batch[0].feeds
             }
         result.input_ns = time.perf_counter_ns() - start
         try:
             result.outputs, result.infer_ns = self.runner.run(feeds)
+            if len(batch) > 1 and not self._splittable(result.outputs, batch):
+                raise _NotRowWise
         except Exception as exc:
             if len(batch) == 1:
                 result.errors = [_request_error(exc)]
                 return result
-            # One bad request must not fail its batch-mates: run each alone.
+            # One bad request must not fail its batch-mates, and outputs that do not
+            # have one row per input row cannot be split: run each alone.
             result.errors = []
             for pending in batch:
                 try:
@@ -199,6 +241,13 @@ class Engine:
                 except Exception as single_exc:
                     result.errors.append(_request_error(single_exc))
         return result
+
+    def _splittable(self, outputs: list[Array], batch: list[_Pending]) -> bool:
+        rows = sum(p.rows for p in batch)
+        return all(
+            out.ndim > axis and out.shape[axis] == rows
+            for out, axis in zip(outputs, self.runner.output_axes, strict=True)
+        )
 
     def _finish(self, batch: list[_Pending], done: asyncio.Future[_BatchResult]) -> None:
         self._inflight -= 1
@@ -218,10 +267,17 @@ class Engine:
             _deliver(batch[0], result.outputs or [])
         else:
             outputs = result.outputs or []
+            axes = self.runner.output_axes
             offset = 0
             for pending in batch:
                 end = offset + pending.rows
-                _deliver(pending, [out[offset:end] for out in outputs])
+                _deliver(
+                    pending,
+                    [
+                        _rows_of(out, axis, offset, end)
+                        for out, axis in zip(outputs, axes, strict=True)
+                    ],
+                )
                 offset = end
         self.stats.record_batch(
             rows, len(batch), result.input_ns, result.infer_ns, time.perf_counter_ns() - start
@@ -238,6 +294,13 @@ class Engine:
     def busy(self) -> bool:
         """Whether any request is queued or running."""
         return bool(self._queue) or self._inflight > 0
+
+
+def _rows_of(array: Array, axis: int, start: int, end: int) -> Array:
+    """Rows start..end of a batched output along its batch axis (contiguous, for encoding)."""
+    if axis == 0:
+        return array[start:end]
+    return np.ascontiguousarray(array[(slice(None),) * axis + (slice(start, end),)])
 
 
 def _deliver(pending: _Pending, outcome: list[Array] | BaseException) -> None:

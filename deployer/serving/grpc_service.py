@@ -1,4 +1,4 @@
-"""The V2 gRPC service logic, shared by both gRPC transports (native HTTP/2 and grpc.aio)."""
+"""The V2 gRPC service logic, kept apart from the grpc.aio transport in grpc_server.py."""
 
 from __future__ import annotations
 
@@ -9,7 +9,16 @@ from typing import Any
 from deployer import __version__
 from deployer.serving.app import SERVER_NAME, ServingApp
 from deployer.serving.datatypes import V2_TO_NUMPY, tensor_from_json, tensor_from_raw, tensor_to_raw
-from deployer.serving.errors import BadRequest, NotFound, PayloadTooLarge, ServingError, Unavailable
+from deployer.serving.errors import (
+    BadRequest,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+    RateLimited,
+    ServingError,
+    Unauthorized,
+    Unavailable,
+)
 from deployer.serving.model import Array, ModelRunner
 from deployer.serving.proto import load
 
@@ -24,12 +33,16 @@ RESOURCE_EXHAUSTED = 8
 UNIMPLEMENTED = 12
 INTERNAL = 13
 UNAVAILABLE = 14
+UNAUTHENTICATED = 16
 
 _CODES: dict[type[ServingError], int] = {
     BadRequest: INVALID_ARGUMENT,
     NotFound: NOT_FOUND,
     Unavailable: UNAVAILABLE,
     PayloadTooLarge: RESOURCE_EXHAUSTED,
+    Overloaded: RESOURCE_EXHAUSTED,
+    RateLimited: RESOURCE_EXHAUSTED,
+    Unauthorized: UNAUTHENTICATED,
 }
 
 # Which InferTensorContents field carries each datatype (FP16 has none: raw only).
@@ -57,7 +70,7 @@ def status_code(exc: ServingError) -> int:
 class InferCall:
     """A ModelInfer call between submission to the batcher and its answer."""
 
-    __slots__ = ("outcome", "request", "runner", "start_ns", "wanted")
+    __slots__ = ("outcome", "pending", "request", "runner", "start_ns", "wanted")
 
     def __init__(self, request: Any, runner: ModelRunner, wanted: list[int], start_ns: int) -> None:
         self.request = request
@@ -65,6 +78,7 @@ class InferCall:
         self.wanted = wanted
         self.start_ns = start_ns
         self.outcome: list[Array] | BaseException | None = None
+        self.pending: Any = None  # the batcher's handle, to drop the work if the caller goes
 
 
 class GrpcService:
@@ -138,7 +152,7 @@ class GrpcService:
                 call.outcome = outcome
                 on_done(call)
 
-            app.batcher.submit_callback(feeds, done)
+            call.pending = app.batcher.submit_callback(feeds, done)
         except ServingError:
             app.stats.record_failure(time.perf_counter_ns() - start_ns, "REJECTED")
             raise

@@ -83,8 +83,10 @@ class AccessLog:
         bytes_out: int,
         peer: str,
         error: str | None = None,
+        key: str | None = None,
     ) -> None:
-        """Queue one access-log line."""
+        """Queue one access-log line (``key``: the id of the key the request was let in
+        with; the portal reads it back for each key's last use)."""
         if not self.enabled:
             return
         now = time.time()
@@ -103,6 +105,8 @@ class AccessLog:
         )
         if error is not None:
             line += f',"error":{json.dumps(error)}'
+        if key is not None:
+            line += f',"key":{json.dumps(key)}'
         self._lines.append(line + "}")
         if len(self._lines) >= 512:
             self.flush()

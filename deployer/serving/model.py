@@ -7,11 +7,13 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
+from deployer.serving.batch_axes import BatchAxes, Dims, find_batch_axes
 from deployer.serving.config import ServingConfig, cpu_quota
 from deployer.serving.datatypes import ORT_TO_V2, V2_TO_NUMPY, element_count
 from deployer.serving.errors import BadRequest
@@ -37,6 +39,8 @@ class TensorSpec:
     name: str
     datatype: str
     shape: tuple[int, ...]
+    # The graph's symbolic dimension names ("" where a dimension has none).
+    dim_names: tuple[str, ...] = ()
 
     @functools.cached_property
     def quoted_name(self) -> str:
@@ -52,8 +56,10 @@ def _spec_of(node: Any) -> TensorSpec:
     datatype = ORT_TO_V2.get(node.type)
     if datatype is None:
         raise ValueError(f"tensor {node.name!r} has type {node.type}, which V2 cannot carry")
-    shape = tuple(dim if isinstance(dim, int) and dim >= 0 else -1 for dim in node.shape or ())
-    return TensorSpec(name=node.name, datatype=datatype, shape=shape)
+    dims = list(node.shape or ())
+    shape = tuple(dim if isinstance(dim, int) and dim >= 0 else -1 for dim in dims)
+    names = tuple(dim if isinstance(dim, str) else "" for dim in dims)
+    return TensorSpec(name=node.name, datatype=datatype, shape=shape, dim_names=names)
 
 
 def session_options(config: ServingConfig) -> ort.SessionOptions:
@@ -121,11 +127,18 @@ class ModelRunner:
         )
         self._string_inputs = {spec.name for spec in self.inputs if spec.datatype == "BYTES"}
         self.max_batch_size = config.max_batch_size if config.max_batch_size > 1 else 0
-        self.batchable = self.max_batch_size > 0 and self._has_batch_axis()
-
-    def _has_batch_axis(self) -> bool:
-        tensors = self.inputs + self.outputs
-        return all(spec.shape and spec.shape[0] == -1 for spec in tensors)
+        found = find_batch_axes(
+            [Dims(s.name, s.shape, s.dim_names) for s in self.inputs],
+            [Dims(s.name, s.shape, s.dim_names) for s in self.outputs],
+        )
+        # Until warm-up confirms them, these are a guess from the graph's shapes.
+        self.batch_axes: BatchAxes | None = found if isinstance(found, BatchAxes) else None
+        self.unbatched_reason = "" if isinstance(found, BatchAxes) else found
+        if not self.max_batch_size:
+            self.unbatched_reason = "max_batch_size is 0 or 1"
+        self.batchable = self.max_batch_size > 0 and self.batch_axes is not None
+        self.input_axes: dict[str, int] = dict(self.batch_axes.inputs) if self.batch_axes else {}
+        self.output_axes: tuple[int, ...] = self.batch_axes.outputs if self.batch_axes else ()
 
     def validate(self, name: str, datatype: str, shape: list[int]) -> TensorSpec:
         """Check one request input against the model; return its spec or raise BadRequest."""
@@ -170,12 +183,13 @@ class ModelRunner:
         return outputs, time.perf_counter_ns() - start
 
     def sample_feeds(self, batch: int, *, random: bool) -> dict[str, Array]:
-        """Inputs of the model's shape (dynamic dims as `batch` then 1) for warm-up."""
+        """Synthetic inputs (batch axis `batch`, other free dims 1), when no sample is given."""
         rng = np.random.default_rng(0)
         feeds: dict[str, Array] = {}
         for spec in self.inputs:
+            axis = self.input_axes.get(spec.name, 0)
             shape = [
-                dim if dim >= 0 else (batch if index == 0 else 1)
+                dim if dim >= 0 else (batch if index == axis else 1)
                 for index, dim in enumerate(spec.shape)
             ]
             if spec.datatype == "BYTES":
@@ -188,46 +202,104 @@ class ModelRunner:
                 feeds[spec.name] = np.zeros(shape, dtype=V2_TO_NUMPY[spec.datatype])
         return feeds
 
+    def conform_sample(self, arrays: dict[str, Array]) -> dict[str, Array]:
+        """A recorded sample as feeds of the model; ValueError naming what does not fit."""
+        feeds: dict[str, Array] = {}
+        for spec in self.inputs:
+            if spec.name not in arrays:
+                raise ValueError(
+                    f"the warm-up sample has no input {spec.name!r} "
+                    f"(it has {', '.join(arrays) or 'none'})"
+                )
+            array = np.asarray(arrays[spec.name])
+            shape = list(array.shape)
+            if len(shape) != len(spec.shape) or any(
+                want not in (-1, got) for want, got in zip(spec.shape, shape, strict=True)
+            ):
+                raise ValueError(
+                    f"the warm-up sample's {spec.name!r} has shape {shape}, "
+                    f"the model expects {list(spec.shape)}"
+                )
+            if spec.datatype == "BYTES":
+                items = [v if isinstance(v, bytes) else str(v).encode() for v in array.ravel()]
+                flat = np.empty(len(items), dtype=np.object_)
+                flat[:] = items
+                feeds[spec.name] = flat.reshape(array.shape)
+            else:
+                feeds[spec.name] = array.astype(V2_TO_NUMPY[spec.datatype])
+        return feeds
+
     def warmup(self, feeds: dict[str, Array] | None = None) -> None:
         """Run the model once (on `feeds`, else synthetic inputs), then check batchability."""
-        self.run(feeds if feeds is not None else self.sample_feeds(1, random=False))
+        sample = feeds if feeds is not None else self.sample_feeds(1, random=False)
+        self.run(sample)
         if not self.batchable:
+            self._log_unbatched(self.unbatched_reason)
             return
         try:
-            independent = self._rows_independent()
-        except Exception as exc:  # synthetic inputs this model rejects: do not guess
-            log.warning(
-                "dynamic batching disabled: could not check rows on synthetic inputs: %s",
-                exc,
-                extra={"event": "batching_disabled"},
-            )
+            reason = self._rows_independent(sample, synthetic=feeds is None)
+        except Exception as exc:  # inputs this model rejects when paired: do not guess
+            reason = f"two rows together failed to run ({_first_line(exc)})"
+        if reason:
             self.batchable = False
-            return
-        if not independent:
-            self.batchable = False
+            self.unbatched_reason = reason
+            self._log_unbatched(reason)
 
-    def _rows_independent(self) -> bool:
-        """Whether two rows run together give what each gives alone."""
-        pair = self.sample_feeds(2, random=True)
+    def _log_unbatched(self, reason: str) -> None:
+        if self.max_batch_size:
+            log.warning(
+                "dynamic batching disabled: %s",
+                reason,
+                extra={"event": "batching_disabled", "reason": reason},
+            )
+
+    def _pair(self, sample: dict[str, Array], synthetic: bool) -> tuple[dict[str, Array], ...]:
+        """Two single rows from the sample: its first two, or its first and a shuffled copy."""
+        if synthetic:
+            sample = self.sample_feeds(1, random=True)
+        rng = np.random.default_rng(1)
+        rows: list[dict[str, Array]] = [{}, {}]
+        for name, array in sample.items():
+            axis = self.input_axes[name]
+            first = np.take(array, [0], axis=axis)
+            if array.shape[axis] >= 2:
+                second = np.take(array, [1], axis=axis)
+            elif array.dtype.kind in "fc":
+                noise = rng.standard_normal(first.shape).astype(first.dtype)
+                second = (first + noise * (np.abs(first).mean() + 1)).astype(first.dtype)
+            else:
+                second = rng.permutation(first.ravel()).reshape(first.shape)
+            rows[0][name], rows[1][name] = first, second
+        return rows[0], rows[1]
+
+    def _rows_independent(self, sample: dict[str, Array], *, synthetic: bool) -> str:
+        """Empty when two rows run together give what each gives alone, else why not."""
+        first, second = self._pair(sample, synthetic)
+        pair = {
+            name: np.concatenate([first[name], second[name]], axis=self.input_axes[name])
+            for name in first
+        }
         together, _ = self.run(pair)
-        for row in range(2):
-            single = {name: value[row : row + 1] for name, value in pair.items()}
-            alone, _ = self.run(single)
-            for name, joint, solo in zip(self.output_names, together, alone, strict=True):
-                if joint.shape[:1] != (2,) or not _rows_match(joint[row : row + 1], solo):
-                    log.warning(
-                        "dynamic batching disabled: output %r is not computed row by row",
-                        name,
-                        extra={"event": "batching_disabled", "output": name},
+        for index, row in enumerate((first, second)):
+            alone, _ = self.run(row)
+            for name, axis, joint, solo in zip(
+                self.output_names, self.output_axes, together, alone, strict=True
+            ):
+                if joint.ndim <= axis or joint.shape[axis] != 2 or solo.shape[axis] != 1:
+                    return (
+                        f"output {name!r} does not grow with the batch axis of the inputs "
+                        f"(shape {list(joint.shape)} for two rows, axis {axis})"
                     )
-                    return False
-        return True
+                if not _rows_match(np.take(joint, [index], axis=axis), solo):
+                    return f"output {name!r} is not computed row by row along axis {axis}"
+        return ""
 
     def triton_config(self, max_queue_delay_us: int, instances: int) -> dict[str, Any]:
         """The model configuration extension's answer, in Triton's JSON form."""
         from deployer.serving.datatypes import V2_TO_TRITON_CONFIG
 
-        batched = self.batchable
+        # Triton's configuration can only say "the first axis is the batch".
+        batched = self.batchable and not any(self.input_axes.values()) and not any(self.output_axes)
 
         def dims(spec: TensorSpec) -> list[int]:
             return list(spec.shape[1:] if batched else spec.shape)
@@ -263,9 +335,30 @@ class ModelRunner:
         return config
 
 
+def read_warmup_sample(path: Path) -> dict[str, Array]:
+    """The inputs of a recorded sample: a known answer's ``input:NAME`` arrays, or plain
+    ``NAME`` arrays; never unpickles."""
+    arrays: dict[str, Array] = {}
+    with np.load(path, allow_pickle=False) as archive:
+        for key in archive.files:
+            kind, sep, name = key.partition(":")
+            if not sep:
+                arrays[key] = archive[key]
+            elif kind == "input":
+                arrays[name] = archive[key]
+    return arrays
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
 def _rows_match(left: Array, right: Array) -> bool:
     if left.shape != right.shape:
         return False
+    if left.dtype == np.float16:  # half precision rounds differently per kernel and batch
+        return bool(np.allclose(left, right, rtol=1e-2, atol=1e-3, equal_nan=True))
     if left.dtype.kind in "fc":
         return bool(np.allclose(left, right, rtol=1e-3, atol=1e-4, equal_nan=True))
     return bool(np.array_equal(left, right))

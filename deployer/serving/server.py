@@ -16,7 +16,7 @@ from deployer.serving.config import ServingConfig
 from deployer.serving.engine import Engine
 from deployer.serving.http import HttpServer
 from deployer.serving.jsonlog import AccessLog
-from deployer.serving.model import ModelRunner
+from deployer.serving.model import ModelRunner, read_warmup_sample
 from deployer.serving.stats import ModelStats
 
 log = logging.getLogger("deployer.serving")
@@ -39,6 +39,8 @@ class Server:
         self.grpc: Any = None
         self.metrics: Any = None
         self.ports: dict[str, int] = {}
+        self.public: Any = None  # listen_socket.PublicListeners, with --listen-fds
+        self.relay_limits: Any = None  # grpc_relay.RelayLimits of the public gRPC socket
         self._providers: list[str] = []  # filled in when the model has loaded
         self._stop = asyncio.Event()
         self._exit_code = EXIT_OK
@@ -53,14 +55,9 @@ class Server:
         config = self.config
         self.ports["http_port"] = await self.http.start(config.host, config.http_port)
         if config.grpc_port:
-            if config.grpc_impl == "aio":
-                from deployer.serving.grpc_server import GrpcServer
+            from deployer.serving.grpc_server import GrpcServer
 
-                self.grpc = GrpcServer(self.app)
-            else:
-                from deployer.serving.grpc_h2 import NativeGrpcServer
-
-                self.grpc = NativeGrpcServer(self.app)
+            self.grpc = GrpcServer(self.app)
             self.ports["grpc_port"] = await self.grpc.start(config.host, config.grpc_port)
         else:
             self.ports["grpc_port"] = 0
@@ -76,6 +73,32 @@ class Server:
             self.ports["metrics_port"] = self.metrics.start(config.host, config.metrics_port)
         else:
             self.ports["metrics_port"] = 0
+        if config.listen_fds:
+            await self._listen_public()
+
+    async def _listen_public(self) -> None:
+        from deployer.serving.grpc_relay import GrpcRelay, RelayLimits
+        from deployer.serving.http import HttpConnection
+        from deployer.serving.listen_socket import PublicListeners
+
+        try:
+            self.public = PublicListeners(self.config.listen_fds, self.config.handover)
+        except ValueError as exc:
+            raise OSError(str(exc)) from exc
+        grpc_port = self.ports.get("grpc_port", 0)
+        # grpcio cannot serve an inherited socket: relay its connections to our own port.
+        host = self.config.host
+        if host in ("", "::", "0.0.0.0"):  # noqa: S104 - a comparison, nothing is bound here
+            host = "127.0.0.1"
+        limits = RelayLimits(self.config.max_connections)
+        self.relay_limits = limits
+
+        def relay() -> asyncio.Protocol:
+            return GrpcRelay((host, grpc_port), limits)
+
+        await self.public.start_control(
+            lambda: HttpConnection(self.http), relay if grpc_port else None
+        )
 
     async def _load(self) -> None:
         loop = asyncio.get_running_loop()
@@ -97,6 +120,7 @@ class Server:
             self.stats,
             max_queue_delay_us=config.max_queue_delay_us,
             max_inflight=config.max_inflight_batches,
+            max_queue_depth=config.max_queue_depth,
         )
         self.app.attach(runner, engine)
         log.info(
@@ -119,9 +143,12 @@ class Server:
                 if config.warmup_request:
                     body = Path(config.warmup_request).read_bytes()
                     feeds = decode_infer_request(runner, body, None).feeds
+                elif config.warmup_sample:
+                    feeds = runner.conform_sample(read_warmup_sample(Path(config.warmup_sample)))
                 await loop.run_in_executor(engine.executor, runner.warmup, feeds)
             except Exception as exc:
-                hint = "" if config.warmup_request else " (a --warmup-request file may help)"
+                given = config.warmup_request or config.warmup_sample
+                hint = "" if given else " (a --warmup-request file may help)"
                 log.error(
                     "warm-up inference failed: %s%s",
                     exc,
@@ -137,6 +164,13 @@ class Server:
                 "event": "ready" if self.app.ready else "not_ready",
                 "reason": self.app.not_ready_reason or None,
                 "dynamic_batching": runner.batchable,
+                "batch_axes": runner.input_axes if runner.batchable else None,
+                "unbatched_reason": None if runner.batchable else runner.unbatched_reason,
+                "warmup_input": "request"
+                if config.warmup_request
+                else "sample"
+                if config.warmup_sample
+                else "synthetic",
                 "max_batch_size": runner.max_batch_size if runner.batchable else 0,
                 "max_queue_delay_us": config.max_queue_delay_us,
                 "warmup_s": round(time.perf_counter() - started, 3),
@@ -169,6 +203,18 @@ class Server:
         app = self.app
         app.mark_draining()
         log.info("draining", extra={"event": "draining", "inflight": app.inflight})
+        if self.public is not None:
+            was_active = self.public.active
+            self.public.close()  # the next instance's copy of the sockets keeps accepting
+            if was_active:
+                # Kept-alive clients get "connection: close" on their next answer and
+                # reconnect to the next instance; closing idle connections at once would
+                # race with a request being sent on one. gRPC clients get a GOAWAY from
+                # the relay and leave once their calls are answered.
+                waits = [asyncio.sleep(min(1.0, self.config.drain_timeout_s))]
+                if self.relay_limits is not None:
+                    waits.append(self._drain_relays())
+                await asyncio.gather(*waits)
         self.http.stop_accepting()
         deadline = time.monotonic() + self.config.drain_timeout_s
         grpc_stop = None
@@ -189,6 +235,15 @@ class Server:
             extra={"event": "stopped", "unanswered": max(app.inflight, 0)},
         )
         self.access_log.flush()
+
+    async def _drain_relays(self) -> None:
+        assert self.relay_limits is not None
+        forced = await self.relay_limits.drain(self.config.drain_timeout_s)
+        if forced:
+            log.warning(
+                "gRPC connections closed with calls still open",
+                extra={"event": "relay_forced_close", "connections": forced},
+            )
 
     async def _shutdown(self) -> None:
         self.http.close_all()

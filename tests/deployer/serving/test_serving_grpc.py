@@ -24,12 +24,6 @@ from tritonclient.utils import InferenceServerException
 from deployer.serving.proto import load
 
 
-@pytest.fixture(params=["native", "aio"])
-def grpc_impl(request) -> str:
-    """Both gRPC transports must behave the same."""
-    return request.param
-
-
 def _client(server) -> grpcclient.InferenceServerClient:
     return grpcclient.InferenceServerClient(url=f"127.0.0.1:{server.grpc_port}")
 
@@ -68,9 +62,9 @@ def test_proto_matches_the_wire_format_tritonclient_speaks() -> None:
     }
 
 
-def test_float_model(start_server, grpc_impl, tmp_path: Path) -> None:
+def test_float_model(start_server, tmp_path: Path) -> None:
     path, layers = mlp(tmp_path / "mlp.onnx")
-    server = start_server(path, "mlp", "--model-version", "3", "--grpc-impl", grpc_impl, grpc=True)
+    server = start_server(path, "mlp", "--model-version", "3", grpc=True)
     client = _client(server)
     assert client.is_server_live()
     assert client.is_server_ready()
@@ -95,10 +89,8 @@ def test_float_model(start_server, grpc_impl, tmp_path: Path) -> None:
     assert response.model_version == "3"
 
 
-def test_multi_input_multi_output(start_server, grpc_impl, tmp_path: Path) -> None:
-    server = start_server(
-        multi_io(tmp_path / "multi.onnx"), "multi", "--grpc-impl", grpc_impl, grpc=True
-    )
+def test_multi_input_multi_output(start_server, tmp_path: Path) -> None:
+    server = start_server(multi_io(tmp_path / "multi.onnx"), "multi", grpc=True)
     client = _client(server)
     a = np.array([[1, -2, 3, -4]], dtype=np.float32)
     b = np.array([[2, 2, -9, 9]], dtype=np.int64)
@@ -117,10 +109,8 @@ def test_multi_input_multi_output(start_server, grpc_impl, tmp_path: Path) -> No
     np.testing.assert_array_equal(only.as_numpy("positive"), (a + b) > 0)
 
 
-def test_bytes_output_model(start_server, grpc_impl, tmp_path: Path) -> None:
-    server = start_server(
-        classifier(tmp_path / "cls.onnx"), "cls", "--grpc-impl", grpc_impl, grpc=True
-    )
+def test_bytes_output_model(start_server, tmp_path: Path) -> None:
+    server = start_server(classifier(tmp_path / "cls.onnx"), "cls", grpc=True)
     client = _client(server)
     outputs = client.get_model_metadata("cls", as_json=True)["outputs"]
     assert [o["datatype"] for o in outputs] == ["BYTES", "BYTES"]
@@ -137,10 +127,8 @@ def test_bytes_output_model(start_server, grpc_impl, tmp_path: Path) -> None:
     assert list(result.as_numpy("echo")) == list(text)
 
 
-def test_every_datatype_raw(start_server, grpc_impl, tmp_path: Path) -> None:
-    server = start_server(
-        all_types(tmp_path / "types.onnx"), "types", "--grpc-impl", grpc_impl, grpc=True
-    )
+def test_every_datatype_raw(start_server, tmp_path: Path) -> None:
+    server = start_server(all_types(tmp_path / "types.onnx"), "types", grpc=True)
     client = _client(server)
     inputs = []
     samples = {}
@@ -160,11 +148,9 @@ def test_every_datatype_raw(start_server, grpc_impl, tmp_path: Path) -> None:
             np.testing.assert_array_equal(got, value, err_msg=datatype)
 
 
-def test_typed_contents_instead_of_raw(start_server, grpc_impl, tmp_path: Path) -> None:
+def test_typed_contents_instead_of_raw(start_server, tmp_path: Path) -> None:
     """Clients may send InferTensorContents rather than raw_input_contents."""
-    server = start_server(
-        multi_io(tmp_path / "multi.onnx"), "multi", "--grpc-impl", grpc_impl, grpc=True
-    )
+    server = start_server(multi_io(tmp_path / "multi.onnx"), "multi", grpc=True)
     pb = load()
     request = pb.ModelInferRequest(model_name="multi")
     a = request.inputs.add(name="a", datatype="FP32", shape=[1, 4])
@@ -198,11 +184,9 @@ def test_typed_contents_instead_of_raw(start_server, grpc_impl, tmp_path: Path) 
         ("output", "INVALID_ARGUMENT"),
     ],
 )
-def test_bad_requests_get_error_codes(
-    start_server, grpc_impl, tmp_path: Path, change: str, code: str
-) -> None:
+def test_bad_requests_get_error_codes(start_server, tmp_path: Path, change: str, code: str) -> None:
     path, _ = mlp(tmp_path / "mlp.onnx")
-    server = start_server(path, "mlp", "--grpc-impl", grpc_impl, grpc=True)
+    server = start_server(path, "mlp", grpc=True)
     client = _client(server)
     model = "other" if change == "model" else "mlp"
     shape = [1, 15] if change == "shape" else [1, 16]
@@ -219,12 +203,10 @@ def test_bad_requests_get_error_codes(
     assert client.infer("mlp", [good]).as_numpy("output").shape == (1, 4)
 
 
-def test_large_tensors_cross_flow_control_windows(start_server, grpc_impl, tmp_path: Path) -> None:
+def test_large_tensors_cross_flow_control_windows(start_server, tmp_path: Path) -> None:
     """1.6 MB each way: more than the 64 KiB default HTTP/2 windows and frame sizes."""
     width = 100_000
-    server = start_server(
-        identity(tmp_path / "id.onnx", width=width), "id", "--grpc-impl", grpc_impl, grpc=True
-    )
+    server = start_server(identity(tmp_path / "id.onnx", width=width), "id", grpc=True)
     client = _client(server)
     x = np.random.default_rng(5).standard_normal((4, width)).astype(np.float32)
     inp = grpcclient.InferInput("x", [4, width], "FP32")
@@ -233,8 +215,8 @@ def test_large_tensors_cross_flow_control_windows(start_server, grpc_impl, tmp_p
         np.testing.assert_array_equal(client.infer("id", [inp]).as_numpy("y"), x)
 
 
-def test_gzip_compressed_calls_and_unknown_method(start_server, grpc_impl, tmp_path: Path) -> None:
-    server = start_server(multi_io(tmp_path / "m.onnx"), "m", "--grpc-impl", grpc_impl, grpc=True)
+def test_gzip_compressed_calls_and_unknown_method(start_server, tmp_path: Path) -> None:
+    server = start_server(multi_io(tmp_path / "m.onnx"), "m", grpc=True)
     pb = load()
     request = pb.ModelInferRequest(model_name="m")
     for name, datatype in (("a", "FP32"), ("b", "INT64")):
@@ -261,15 +243,13 @@ def test_gzip_compressed_calls_and_unknown_method(start_server, grpc_impl, tmp_p
         assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
-def test_oversized_message_is_refused(start_server, grpc_impl, tmp_path: Path) -> None:
+def test_oversized_message_is_refused(start_server, tmp_path: Path) -> None:
     width = 100_000
     server = start_server(
         identity(tmp_path / "id.onnx", width=width),
         "id",
         "--max-body-bytes",
         "100000",
-        "--grpc-impl",
-        grpc_impl,
         grpc=True,
     )
     client = _client(server)
@@ -279,30 +259,3 @@ def test_oversized_message_is_refused(start_server, grpc_impl, tmp_path: Path) -
         client.infer("id", [inp])
     assert caught.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
     assert client.is_server_live()
-
-
-def test_native_http2_survives_garbage_and_half_connections(start_server, tmp_path: Path) -> None:
-    import socket
-
-    server = start_server(mlp(tmp_path / "m.onnx")[0], "m", grpc=True)
-    for junk in (
-        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
-        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\xff" * 20,
-    ):
-        with socket.create_connection(("127.0.0.1", server.grpc_port), timeout=5) as sock:
-            sock.sendall(junk)
-            reply = b""
-            try:
-                while chunk := sock.recv(65536):
-                    reply += chunk
-            except TimeoutError:
-                pass
-        # Our SETTINGS, then a GOAWAY frame (type 7) before the server closes.
-        assert reply[3] == 0x4
-        assert b"\x07\x00\x00\x00\x00\x00" in reply
-    # A connection that sends half a preface and disconnects.
-    with socket.create_connection(("127.0.0.1", server.grpc_port), timeout=5) as sock:
-        sock.sendall(b"PRI * HTTP")
-    client = _client(server)
-    assert client.is_server_ready()
-    assert client.get_model_metadata("m", as_json=True)["name"] == "m"

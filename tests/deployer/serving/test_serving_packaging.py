@@ -6,6 +6,7 @@ import ast
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from serving_onnx_models import mlp, reshaping
@@ -21,6 +22,7 @@ ALLOWED = {
     "grpc_tools",  # only to compile the .proto when the generated module is missing
     "google",  # protobuf
     "prometheus_client",
+    "hyperframe",
     "deployer",
 }
 
@@ -55,7 +57,7 @@ def test_serving_imports_only_the_allowed_packages() -> None:
 def test_importing_the_runtime_pulls_in_no_heavy_framework() -> None:
     code = (
         "import sys\n"
-        "import deployer.serving.server, deployer.serving.grpc_h2, deployer.serving.grpc_server\n"
+        "import deployer.serving.server, deployer.serving.grpc_server\n"
         "import deployer.serving.metrics, deployer.serving.__main__\n"
         "heavy = ('django', 'mlflow', 'torch', 'requests', 'pandas')\n"
         "bad = [m for m in heavy if m in sys.modules]\n"
@@ -90,8 +92,16 @@ def test_warm_up_request_file(start_server, tmp_path: Path) -> None:
     )
     assert status == 200
     assert answer["outputs"][0]["shape"] == [2, 4]
-    # Rows of this model are not independent on synthetic data: it is served unbatched.
-    assert server.json("GET", "/v2/models/r/config")[1]["max_batch_size"] == 0
+    # Rows of the warm-up request ([1, 4] each) are independent, so batching stays on; a
+    # merged batch whose outputs do not have one row per request row is run request by
+    # request, so concurrent [1, 8] requests still get their own [2, 4] each.
+    assert server.json("GET", "/v2/models/r/config")[1]["max_batch_size"] == 32
+    body = {"inputs": [{"name": "x", "shape": [1, 8], "datatype": "FP32", "data": [1.0] * 8}]}
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(
+            pool.map(lambda _: server.json("POST", "/v2/models/r/infer", body), range(32))
+        )
+    assert all(s == 200 and a["outputs"][0]["shape"] == [2, 4] for s, a in answers)
 
 
 def test_all_model_stats_route_and_bad_flags(start_server, tmp_path: Path) -> None:
