@@ -2,6 +2,7 @@
 
 from deployer.proxy.nginx import (
     REVISION_HEADER,
+    Backend,
     NginxProxy,
     ProxyError,
     Route,
@@ -9,4 +10,12 @@ from deployer.proxy.nginx import (
     route_prefix,
 )
 
-__all__ = ["REVISION_HEADER", "NginxProxy", "ProxyError", "Route", "find_nginx", "route_prefix"]
+__all__ = [
+    "REVISION_HEADER",
+    "Backend",
+    "NginxProxy",
+    "ProxyError",
+    "Route",
+    "find_nginx",
+    "route_prefix",
+]

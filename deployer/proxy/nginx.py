@@ -37,6 +37,7 @@ import shutil
 import signal
 import subprocess
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ from pathlib import Path
 import requests
 
 from deployer.errors import DeployerError
+from deployer.proxy.config import GRPC_SERVER_COMMON, gateway_config, main_config
 from deployer.runtimes.local import free_port
 
 REVISION_HEADER = "X-ModelPort-Revision"
@@ -61,13 +63,62 @@ class ProxyError(DeployerError):
 
 
 @dataclass(frozen=True)
+class Backend:
+    """One instance behind a route: its REST and gRPC addresses, and its share of calls."""
+
+    upstream: str
+    grpc_upstream: str = ""
+    # nginx's server weight (1-100); all equal today (replicas), uneven later (canary).
+    weight: int = 1
+
+    def check(self) -> Backend:
+        if not _UPSTREAM.match(self.upstream):
+            raise ProxyError(f"{self.upstream!r} is not a host:port address.")
+        if self.grpc_upstream and not _UPSTREAM.match(self.grpc_upstream):
+            raise ProxyError(f"{self.grpc_upstream!r} is not a host:port address.")
+        if not isinstance(self.weight, int) or not 1 <= self.weight <= 100:
+            raise ProxyError("A backend's weight must be an integer from 1 to 100.")
+        return self
+
+
+@dataclass(frozen=True)
 class Route:
-    """Send requests under ``prefix`` to ``upstream`` (host:port), serving ``revision``."""
+    """Send requests under ``prefix`` to ``upstream`` (host:port), serving ``revision``.
+
+    A route to several instances (replicas) lists them all in ``backends``; nginx then
+    sends each request to the one with the fewest requests in flight (``least_conn``,
+    by weight). ``upstream``/``grpc_upstream`` are the first backend's addresses.
+    """
 
     key: str
     prefix: str
     upstream: str
     revision: int
+    # The instance's gRPC address (host:port); empty: the route carries REST only.
+    grpc_upstream: str = ""
+    backends: tuple[Backend, ...] = ()
+
+    @classmethod
+    def of(cls, *, key: str, prefix: str, revision: int, backends: list[Backend]) -> Route:
+        """A route to ``backends`` (at least one), in a stable order."""
+        if not backends:
+            raise ProxyError("A route needs at least one backend.")
+        ordered = tuple(sorted(backends, key=lambda b: (b.upstream, b.grpc_upstream)))
+        first = ordered[0]
+        return cls(key, prefix, first.upstream, revision, first.grpc_upstream, ordered)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> Route:
+        """A route as :func:`dataclasses.asdict` wrote it (state files of any age)."""
+        backends = data.get("backends") or []
+        if not isinstance(backends, list):
+            raise ProxyError("A route's backends must be a list.")
+        fields = {k: v for k, v in data.items() if k != "backends"}
+        return cls(**fields, backends=tuple(Backend(**b) for b in backends))  # type: ignore[arg-type]
+
+    def servers(self) -> tuple[Backend, ...]:
+        """Every backend (a route written with one address only: that one)."""
+        return self.backends or (Backend(self.upstream, self.grpc_upstream),)
 
     def check(self) -> Route:
         """This route, if every field is in its allowlist."""
@@ -77,8 +128,17 @@ class Route:
             raise ProxyError(f"{self.prefix!r} is not an allowed route path.")
         if not _UPSTREAM.match(self.upstream):
             raise ProxyError(f"{self.upstream!r} is not a host:port address.")
+        if self.grpc_upstream and not _UPSTREAM.match(self.grpc_upstream):
+            raise ProxyError(f"{self.grpc_upstream!r} is not a host:port address.")
         if not isinstance(self.revision, int) or self.revision < 0:
             raise ProxyError("A route's revision must be a non-negative integer.")
+        if len(self.backends) > 64:
+            raise ProxyError("A route may have at most 64 backends.")
+        for backend in self.backends:
+            backend.check()
+        grpc = {bool(b.grpc_upstream) for b in self.servers()}
+        if len(grpc) > 1:
+            raise ProxyError("Either every backend of a route has a gRPC address or none has.")
         return self
 
 
@@ -114,10 +174,24 @@ class NginxProxy:
         nginx: str = "",
         reload_hook: Callable[[], None] | None = None,
         worker_processes: int = 2,
+        grpc_host: str = "",
+        grpc_public_host: str = "",
+        tls_cert: str = "",
+        tls_key: str = "",
     ) -> None:
-        """``listen`` and ``nginx`` for a managed nginx; ``reload_hook`` for an external one."""
+        """``listen`` and ``nginx`` for a managed nginx; ``reload_hook`` for an external one.
+
+        ``grpc_host``: the address the router binds each deployment's gRPC port on
+        (empty: no gRPC at the stable address); ``grpc_public_host``: the host clients
+        use for it (default: ``grpc_host``). ``tls_cert`` and ``tls_key`` (PEM text, a
+        managed nginx only): the stable address serves HTTPS, and gRPC over TLS.
+        """
         if listen and not _LISTEN.match(listen):
             raise ProxyError(f"{listen!r} is not a host:port to listen on.")
+        if grpc_host and not _LISTEN.match(f"{grpc_host}:1"):
+            raise ProxyError(f"{grpc_host!r} is not a host to listen on for gRPC.")
+        if grpc_public_host and not _LISTEN.match(f"{grpc_public_host}:1"):
+            raise ProxyError(f"{grpc_public_host!r} is not a host name for gRPC clients.")
         if not listen and reload_hook is None:
             raise ProxyError("An external proxy needs a reload hook.")
         self.conf_dir = conf_dir
@@ -127,6 +201,16 @@ class NginxProxy:
         self.nginx = nginx or find_nginx()
         self.reload_hook = reload_hook
         self.worker_processes = max(1, worker_processes)
+        self.grpc_host = grpc_host
+        self.grpc_public_host = grpc_public_host or grpc_host
+        if bool(tls_cert) != bool(tls_key):
+            raise ProxyError("TLS at the proxy needs both a certificate and its key.")
+        if tls_cert and "-----BEGIN" not in tls_cert:
+            raise ProxyError("The proxy's TLS certificate is not PEM text (-----BEGIN ...).")
+        if tls_key and "-----BEGIN" not in tls_key:
+            raise ProxyError("The proxy's TLS key is not PEM text (-----BEGIN ...).")
+        self.tls_cert = tls_cert
+        self.tls_key = tls_key
 
     @property
     def managed(self) -> bool:
@@ -144,6 +228,39 @@ class NginxProxy:
     @property
     def state_dir(self) -> Path:
         return self.conf_dir / "routes"
+
+    @property
+    def grpc_dir(self) -> Path:
+        return self.conf_dir / "grpc"
+
+    @property
+    def grpc_ports_file(self) -> Path:
+        return self.conf_dir / "grpc-ports.json"
+
+    @property
+    def tls(self) -> bool:
+        """Whether the stable address serves TLS (HTTPS and gRPC over TLS)."""
+        return bool(self.tls_cert)
+
+    def _tls_lines(self, indent: str, *, plain_http_error: bool = True) -> str:
+        if not self.tls:
+            return ""
+        folder = self.conf_dir / "tls"
+        return (
+            f"{indent}ssl_certificate {folder / 'cert.pem'};\n"
+            f"{indent}ssl_certificate_key {folder / 'key.pem'};\n"
+            f"{indent}ssl_protocols TLSv1.2 TLSv1.3;\n"
+            + (f"{indent}error_page 497 =400 @v2_needs_https;\n" if plain_http_error else "")
+        )
+
+    def _get(self, url: str, timeout: float) -> requests.Response:
+        """A check through our own proxy. Over TLS the certificate is not verified: the
+        check proves the route and the instance behind it, on an address we started."""
+        if not self.tls:
+            return requests.get(url, timeout=timeout)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return requests.get(url, timeout=timeout, verify=False)  # noqa: S501 (see above)
 
     @property
     def main_conf(self) -> Path:
@@ -165,13 +282,26 @@ class NginxProxy:
         """The public URL of a route path."""
         return f"{self.public_url}{prefix}"
 
+    def grpc_address(self, route: Route) -> str:
+        """The stable gRPC address (host:port) of a route, or "" when it has none.
+
+        gRPC paths carry no deployment (the model name is inside the message), so each
+        deployment gets a port of its own; it is kept for the route's key across every
+        switch, and given back only when the route is removed.
+        """
+        port = self._grpc_ports().get(route.key)
+        if not self.grpc_host or not route.grpc_upstream or port is None:
+            return ""
+        host = self.grpc_public_host
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
     # ------------------------------------------------------------ routes
     def routes(self) -> dict[str, Route]:
         """The routes written now, by key."""
         found = {}
         for path in sorted(self.state_dir.glob("*.json")) if self.state_dir.is_dir() else []:
             try:
-                route = Route(**json.loads(path.read_text())).check()
+                route = Route.from_dict(json.loads(path.read_text())).check()
             except (OSError, ValueError, TypeError, ProxyError):
                 continue
             found[route.key] = route
@@ -214,6 +344,9 @@ class NginxProxy:
             if key in self.routes():
                 self._delete(key)
                 self._apply()
+            ports = self._grpc_ports()
+            if ports.pop(key, None) is not None:
+                _atomic_write(self.grpc_ports_file, json.dumps(ports))
 
     def sync(self, wanted: dict[str, Route]) -> int:
         """Make the written routes exactly ``wanted``; returns how many changed."""
@@ -252,7 +385,7 @@ class NginxProxy:
         seen, agreed_since = "", 0.0
         while time.monotonic() < deadline:
             try:
-                response = requests.get(url, timeout=2)
+                response = self._get(url, timeout=2)
                 revision = response.headers.get(REVISION_HEADER, "")
                 if revision == str(route.revision) and response.status_code == 200:
                     agreed_since = agreed_since or time.monotonic()
@@ -361,7 +494,7 @@ class NginxProxy:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             with contextlib.suppress(requests.RequestException):
-                if requests.get(f"{self.check_url}/healthz", timeout=1).status_code == 200:
+                if self._get(f"{self.check_url}/healthz", timeout=1).status_code == 200:
                     return
             time.sleep(0.05)
         raise ProxyError(f"nginx started but does not answer on {self.listen}.")
@@ -416,32 +549,78 @@ class NginxProxy:
         name = f"mp_{route.key.replace('-', '_')}"
         _atomic_write(
             self.upstream_dir / f"{route.key}.conf",
-            f"upstream {name} {{\n"
-            f"    server {route.upstream} max_fails=0;\n"
-            "    keepalive 16;\n"
-            "}\n",
+            _upstream_block(name, [(b.upstream, b.weight) for b in route.servers()]),
         )
         _atomic_write(
             self.location_dir / f"{route.key}.conf",
             f"location {route.prefix} {{\n"
+            f"{REPLICATED_BUFFERING if len(route.servers()) > 1 else ''}"
             f"    proxy_pass http://{name}/;\n"
             f"    add_header {REVISION_HEADER} {route.revision} always;\n"
+            "    error_page 502 503 =503 @v2_unavailable;\n"
+            "    error_page 504 @v2_timeout;\n"
+            "    error_page 413 @v2_too_large;\n"
             "}\n",
         )
+        self._write_grpc(route, name)
         _atomic_write(self.state_dir / f"{route.key}.json", json.dumps(asdict(route)))
+
+    def _grpc_ports(self) -> dict[str, int]:
+        try:
+            loaded = json.loads(self.grpc_ports_file.read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(loaded, dict):
+            return {}
+        return {k: v for k, v in loaded.items() if _KEY.match(k) and isinstance(v, int)}
+
+    def _grpc_port(self, key: str) -> int:
+        """The route's gRPC port: the one it had, or a new free one (called under the lock)."""
+        ports = self._grpc_ports()
+        if key not in ports:
+            taken = set(ports.values())
+            port = free_port(self.grpc_host)
+            while port in taken:
+                port = free_port(self.grpc_host)
+            ports[key] = port
+            _atomic_write(self.grpc_ports_file, json.dumps(ports))
+        return ports[key]
+
+    def _write_grpc(self, route: Route, name: str) -> None:
+        path = self.grpc_dir / f"{route.key}.conf"
+        if not self.grpc_host or not route.grpc_upstream:
+            path.unlink(missing_ok=True)
+            return
+        self.grpc_dir.mkdir(parents=True, exist_ok=True)
+        host = f"[{self.grpc_host}]" if ":" in self.grpc_host else self.grpc_host
+        _atomic_write(
+            path,
+            _upstream_block(f"{name}_grpc", [(b.grpc_upstream, b.weight) for b in route.servers()])
+            + "server {\n"
+            f"    listen {host}:{self._grpc_port(route.key)}{' ssl' if self.tls else ''} http2;\n"
+            f"{self._tls_lines('    ', plain_http_error=False)}"
+            f"{GRPC_SERVER_COMMON}"
+            "    location / {\n"
+            f"        grpc_pass grpc://{name}_grpc;\n"
+            f"        add_header {REVISION_HEADER} {route.revision} always;\n"
+            "    }\n"
+            "}\n",
+        )
 
     def _delete(self, key: str) -> None:
         for path in (
             self.upstream_dir / f"{key}.conf",
             self.location_dir / f"{key}.conf",
             self.state_dir / f"{key}.json",
+            self.grpc_dir / f"{key}.conf",
         ):
             path.unlink(missing_ok=True)
 
     def _write_main(self) -> None:
         root = self.conf_dir
         temp = root / "temp"
-        for folder in (root / "logs", temp, self.upstream_dir, self.location_dir, self.state_dir):
+        folders = (root / "logs", temp, self.upstream_dir, self.location_dir, self.state_dir)
+        for folder in (*folders, self.grpc_dir):
             folder.mkdir(parents=True, exist_ok=True)
         user = ""
         if os.geteuid() == 0:
@@ -449,118 +628,42 @@ class NginxProxy:
             nobody = pwd.getpwnam("nobody")
             os.chown(temp, nobody.pw_uid, nobody.pw_gid)
             user = "user nobody nogroup;\n" if _group_exists("nogroup") else "user nobody;\n"
+        if self.tls:
+            (root / "tls").mkdir(mode=0o700, exist_ok=True)
+            _atomic_write(root / "tls" / "cert.pem", self.tls_cert.strip() + "\n")
+            _atomic_write(root / "tls" / "key.pem", self.tls_key.strip() + "\n", mode=0o600)
         router = f"127.0.0.1:{free_port('127.0.0.1')}"
         _atomic_write(self.main_conf, main_config(root, router, self.worker_processes, user))
-        _atomic_write(
-            self.gateway_conf,
-            gateway_config(root, self.listen, router, self.worker_processes, user),
+        gateway = gateway_config(
+            root, self.listen, router, self.worker_processes, user, self._tls_lines("        ")
         )
+        _atomic_write(self.gateway_conf, gateway)
 
 
-def main_config(root: Path, listen: str, worker_processes: int, user: str = "") -> str:
-    """The managed router's whole configuration (the compose proxy ships its own copy)."""
-    return _config(
-        root,
-        "nginx.pid",
-        worker_processes,
-        user,
-        http=f"""{HTTP_COMMON}
-    include {root}/upstreams/*.conf;""",
-        server=f"""        listen {listen};
-{SERVER_COMMON}
-        include {root}/locations/*.conf;""",
-    )
+# With several replicas behind a route, a request whose replica dies before it answers
+# (killed mid-request, or a container whose published port still accepts) must go to
+# another one. nginx resends a request only if it holds the whole body, so these routes
+# read bodies up to 1 MB into memory first (larger ones spill to a temporary file); a
+# route to one instance streams bodies through (there is nowhere else to send them).
+REPLICATED_BUFFERING = "    proxy_request_buffering on;\n    client_body_buffer_size 1m;\n"
 
 
-def gateway_config(
-    root: Path, listen: str, router: str, worker_processes: int, user: str = ""
-) -> str:
-    """The managed gateway's configuration: everything to the router, never reloaded."""
-    return _config(
-        root,
-        "gateway.pid",
-        worker_processes,
-        user,
-        http=f"""{GATEWAY_COMMON}
-    upstream modelport_router {{
-        server {router} max_fails=0;
-    }}""",
-        server=f"""        listen {listen};
-        location / {{
-            proxy_pass http://modelport_router;
-        }}""",
-    )
+def _upstream_block(name: str, servers: list[tuple[str, int]]) -> str:
+    """An ``upstream``: one server per instance, least outstanding requests first.
 
-
-def _config(
-    root: Path, pid: str, worker_processes: int, user: str, *, http: str, server: str
-) -> str:
-    temp = root / "temp"
-    return f"""# Written by ModelPort; it is rewritten on every start.
-{user}worker_processes {worker_processes};
-pid {root}/{pid};
-error_log {root}/logs/error.log warn;
-events {{
-    worker_connections 4096;
-}}
-http {{
-    client_body_temp_path {temp}/client;
-    proxy_temp_path {temp}/proxy;
-    fastcgi_temp_path {temp}/fastcgi;
-    uwsgi_temp_path {temp}/uwsgi;
-    scgi_temp_path {temp}/scgi;
-{http}
-    server {{
-{server}
-    }}
-}}
-"""
-
-
-# The gateway: clients keep their connections here while the router behind reloads.
-# Each request takes a new loopback connection to the router (no keep-alive there): a
-# reload makes the router close its idle connections, and a request sent on one in
-# that instant would fail, while a new connection always reaches a worker that
-# serves it to the end.
-GATEWAY_COMMON = """\
-    access_log off;
-    server_tokens off;
-    client_max_body_size 64m;
-    proxy_http_version 1.1;
-    proxy_set_header Connection "close";
-    proxy_set_header Host $http_host;
-    proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-    proxy_set_header X-Forwarded-Proto $scheme;
-    proxy_read_timeout 300s;
-    proxy_send_timeout 300s;
-    proxy_next_upstream error timeout non_idempotent;
-    proxy_next_upstream_tries 3;"""
-
-HTTP_COMMON = """\
-    access_log off;
-    server_tokens off;
-    client_max_body_size 64m;
-    proxy_http_version 1.1;
-    proxy_set_header Connection "";
-    proxy_set_header Host $host;
-    proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-    proxy_set_header X-Forwarded-Proto $scheme;
-    proxy_read_timeout 300s;
-    proxy_send_timeout 300s;
-    # An instance that is stopping closes idle keep-alive connections; retry those
-    # requests on a fresh connection instead of failing them.
-    proxy_next_upstream error timeout non_idempotent;
-    proxy_next_upstream_tries 3;"""
-
-SERVER_COMMON = """\
-        location = /healthz {
-            default_type text/plain;
-            return 200 "ok\\n";
-        }
-        location / {
-            default_type application/json;
-            return 404 '{"error": "no deployment at this address"}\\n';
-        }"""
+    ``max_fails=0``: an instance is never taken out for a while after an error; a
+    request that cannot reach one (refused, reset before an answer) goes to the next
+    (``proxy_next_upstream``), and the portal removes a dead instance from the route
+    within moments of its death.
+    """
+    lines = [f"upstream {name} {{\n"]
+    if len(servers) > 1:
+        lines.append("    least_conn;\n")
+    for address, weight in servers:
+        extra = f" weight={weight}" if weight != 1 else ""
+        lines.append(f"    server {address}{extra} max_fails=0;\n")
+    lines.append("    keepalive 16;\n}\n")
+    return "".join(lines)
 
 
 def _nginx_pid(pid_file: Path, conf: Path) -> int | None:
@@ -606,7 +709,10 @@ def _group_exists(name: str) -> bool:
     return True
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def _atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
     scratch = path.with_name(f".{path.name}.tmp")
-    scratch.write_text(text)
+    scratch.unlink(missing_ok=True)
+    fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
     os.replace(scratch, path)

@@ -22,7 +22,7 @@ import requests
 from django.core.files.uploadedfile import SimpleUploadedFile
 
 from deployer.images import BaseImageSpec, base_image_ensure, docker_client, image_build
-from deployer.proxy.nginx import GATEWAY_COMMON, HTTP_COMMON, SERVER_COMMON
+from deployer.proxy.config import GATEWAY_COMMON, HTTP_COMMON, SERVER_COMMON
 from deployer.runtimes.docker import MANAGED
 from portal.core import engine
 from portal.deployments import services
@@ -32,6 +32,7 @@ from portal.registry import services as registry_services
 from portal.registry.models import Model
 from tests.conftest import REPO, Personas, require, wait_for
 from tests.onnx_models import linear_model
+from tests.portal.factories import inference_headers
 
 X = [1.0, 2.0, 3.0, 4.0]
 
@@ -54,15 +55,16 @@ def test_compose_file_is_valid() -> None:
     import yaml
 
     services = yaml.safe_load(result.stdout)["services"]
-    assert {"web", "pipeline-worker", "deploy-worker", "beat", "postgres", "redis", "mlflow",
-            "proxy"} <= set(services)  # fmt: skip
-    # Only the deploy worker gets the Docker socket.
+    assert {"web", "pipeline-worker", "convert-worker", "deploy-worker", "beat", "postgres",
+            "redis", "mlflow", "proxy"} <= set(services)  # fmt: skip
+    # Only the convert, deploy and batch workers get the Docker socket (a batch job starts a
+    # container of its version's image).
     with_socket = [
         name
         for name, service in services.items()
         if "docker.sock" in str(service.get("volumes", []))
     ]
-    assert with_socket == ["deploy-worker"]
+    assert sorted(with_socket) == ["batch-worker", "convert-worker", "deploy-worker"]
     assert services["deploy-worker"]["environment"]["MODELPORT_RUNTIME"] == "docker"
     assert services["web"]["environment"]["MODELPORT_PROXY"] == "external"
     assert "8080" in str(services["proxy"]["ports"])
@@ -189,6 +191,7 @@ def test_containers_on_a_network_behind_an_nginx_container(
         assert compose_layout["network"] in attrs["NetworkSettings"]["Networks"]
         response = requests.post(
             f"{deployment.endpoint_url}/infer",
+            headers=inference_headers(deployment.endpoint_url),
             json={"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": X}]},
             timeout=10,
         )
