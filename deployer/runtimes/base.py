@@ -5,7 +5,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
+
+from deployer.runtimes.gpus import GpuRequest
 
 
 @dataclass(frozen=True)
@@ -22,7 +24,19 @@ class LaunchSpec:
     cpus: float = 1.0
     memory_mb: int = 1024
     pids_limit: int = 256
+    # The version's recorded sample (.npz) to warm up with; a model image carries its own.
+    warmup_sample: Path | None = None
     labels: dict[str, str] = field(default_factory=dict)
+    # The deployment's inference keys file (deployer.keys); None: the instance is open.
+    keys_file: Path | None = None
+    # With device "gpu": how many GPUs, or which (deployer.runtimes.gpus); one by default.
+    gpus: GpuRequest = field(default_factory=GpuRequest)
+    # The deployment's async spool folder (deployer.serving.async_spool); None: no async.
+    async_dir: Path | None = None
+    async_max_queue: int = 1000
+    async_callback_hosts: str = ""
+    # The replica this instance is (the portal's row id); 0: a revision's only instance.
+    replica_id: int = 0
 
 
 @dataclass(frozen=True)
@@ -33,6 +47,10 @@ class LaunchResult:
     url: str
     grpc_address: str = ""
     metrics_url: str = ""
+    # The deployment's stable address, which the instance serves once it takes it over
+    # (a runtime that hands addresses between instances; empty otherwise).
+    public_url: str = ""
+    public_grpc: str = ""
 
 
 class InstanceState(enum.StrEnum):
@@ -57,6 +75,34 @@ class OwnedInstance:
     deployment_id: int
     revision_id: int
     state: InstanceState
+    replica_id: int = 0
+
+
+@dataclass(frozen=True)
+class InstanceExit:
+    """An instance that stopped, as its runtime saw it end (not as a poll found it)."""
+
+    runtime: str
+    handle: str
+    deployment_id: int
+    revision_id: int
+    replica_id: int
+    # Exit code when it exited, None when a signal ended it (then ``signal`` names it).
+    exit_code: int | None = None
+    signal: str = ""
+    oom: bool = False
+
+    @property
+    def cause(self) -> str:
+        """Why it ended, in words: out of memory, a signal, or an exit code."""
+        if self.oom:
+            return "killed for running out of memory (OOM)"
+        if self.signal:
+            code = f" (exit code {self.exit_code})" if self.exit_code is not None else ""
+            return f"killed by signal {self.signal}{code}"
+        if self.exit_code is None:
+            return "exited (no exit status was recorded)"
+        return f"exited with code {self.exit_code}"
 
 
 class Runtime(Protocol):
@@ -82,4 +128,14 @@ class Runtime(Protocol):
 
     def owned(self) -> list[OwnedInstance]:
         """Every instance this runtime started and has not removed."""
+        ...
+
+
+@runtime_checkable
+class HandsOverAddress(Protocol):
+    """A runtime whose instances pass a deployment's stable address to one another."""
+
+    def take_over(self, handle: str) -> None:
+        """Make the instance serve its deployment's stable address (the previous one
+        keeps serving what it holds until it is stopped)."""
         ...

@@ -3,7 +3,8 @@
 Every container runs a model image (``deployer.images``) with the same profile:
 an unprivileged user, a read-only root file system with a small ``/tmp`` tmpfs,
 every capability dropped, ``no-new-privileges``, memory, CPU and process limits
-from the deployment, no host mounts (and never the Docker socket), and labels with
+from the deployment, no host mounts but its deployment's keys folder (read-only) and its
+async spool (read-write; never the Docker socket), and labels with
 the installation, deployment and revision. ``owned()`` lists only containers that
 carry this installation's label, so nothing else on the engine is ever touched.
 
@@ -21,10 +22,12 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,18 +36,23 @@ from deployer.errors import DeployerError, LaunchError
 from deployer.images.build import EngineUnavailable, docker_client
 from deployer.images.names import LABEL_PREFIX, check_labels, check_reference
 from deployer.images.runtime import RUNTIME_UID, SERVING_PORTS
+from deployer.keys import CONTAINER_KEYS_DIR
 from deployer.logs import tail_lines
 from deployer.runtimes.base import (
+    InstanceExit,
     InstanceState,
     InstanceStatus,
     LaunchResult,
     LaunchSpec,
     OwnedInstance,
 )
+from deployer.runtimes.gpus import discover_inventory, place, placement_lock
 
 MANAGED = f"{LABEL_PREFIX}installation"
 DEPLOYMENT = f"{LABEL_PREFIX}deployment"
 REVISION = f"{LABEL_PREFIX}revision"
+GPUS = f"{LABEL_PREFIX}gpus"
+REPLICA = f"{LABEL_PREFIX}replica"
 _INSTALLATION = re.compile(r"^[a-z0-9]{4,32}$")
 _CONTAINER_ID = re.compile(r"^[a-f0-9]{12,64}$")
 LOG_MAX_BYTES = 2 * 1024 * 1024
@@ -74,6 +82,55 @@ class DockerSettings:
     publish_host: str = "127.0.0.1"
     tmpfs_mb: int = 64
     log_max_size: str = "10m"
+    # When this process runs in a container itself (docker-compose), a folder it hands to
+    # the engine as a bind mount must be named as the engine's host sees it:
+    # (this process's path of the data folder, the host's path of the same folder).
+    host_data: tuple[Path, Path] | None = None
+    # A named Docker volume that holds the keys folder (<data>/keys: one folder per
+    # deployment), mounted read-only instead of a host folder (docker-compose).
+    keys_volume: str = ""
+    # The host's GPUs (device ids); empty: the ones nvidia-smi lists here, if any.
+    gpu_devices: tuple[str, ...] = ()
+
+    def host_path(self, path: Path) -> Path:
+        """``path`` as the engine's host names it (a bind mount's source)."""
+        if self.host_data is None:
+            return path
+        ours, host = self.host_data
+        try:
+            return host / path.relative_to(ours)
+        except ValueError:
+            raise LaunchError(
+                f"{path} is outside the data folder {ours}, the only folder this worker "
+                "shares with the Docker host; it cannot be mounted into a container."
+            ) from None
+
+
+# Where a container sees its deployment's async spool (deployer/serving/async_spool.py).
+CONTAINER_ASYNC_DIR = "/modelport-async"
+
+
+def _async_mount(options: dict[str, Any], spec: LaunchSpec, source: Path) -> None:
+    """Mount the deployment's spool read-write and tell the runtime about it.
+
+    The spool's folders are group-writable and set-gid; the container's user must be in
+    their group. As root the portal gives them the runtime's group; otherwise the
+    container joins the portal's group (``group_add``), never the root group.
+    """
+    assert spec.async_dir is not None
+    folder = spec.async_dir
+    if os.geteuid() == 0:
+        for path in (folder, *(p for p in folder.iterdir() if p.is_dir())):
+            os.chown(path, -1, RUNTIME_UID)
+    else:
+        options["group_add"] = [str(folder.stat().st_gid)]
+    options.setdefault("volumes", {})[str(source)] = {"bind": CONTAINER_ASYNC_DIR, "mode": "rw"}
+    command = options.setdefault("command", ["--config", "/model/config.json"])
+    command += [
+        "--async-dir", CONTAINER_ASYNC_DIR,
+        "--async-max-queue", str(spec.async_max_queue),
+        "--async-callback-hosts", spec.async_callback_hosts,
+    ]  # fmt: skip
 
 
 class DockerRuntime:
@@ -96,7 +153,6 @@ class DockerRuntime:
 
     # ------------------------------------------------------------ interface
     def start(self, spec: LaunchSpec) -> LaunchResult:
-        from docker.errors import APIError, ImageNotFound
         from docker.types import DeviceRequest
 
         if not spec.image:
@@ -110,11 +166,12 @@ class DockerRuntime:
                 MANAGED: self.settings.installation,
                 DEPLOYMENT: str(spec.deployment_id),
                 REVISION: str(spec.revision_id),
+                REPLICA: str(spec.replica_id),
                 f"{LABEL_PREFIX}model": spec.model_name,
                 f"{LABEL_PREFIX}model-version": spec.model_version,
             }
         )
-        name = self.container_name(spec.revision_id)
+        name = self.container_name(spec.revision_id, spec.replica_id)
         self._remove_leftover(name)
         options: dict[str, Any] = {
             "image": spec.image,
@@ -142,14 +199,55 @@ class DockerRuntime:
             },
             "stop_signal": "SIGTERM",
         }
+        if spec.keys_file is not None:
+            # The keys file's folder, not the file: the portal replaces the file by a
+            # rename, which a file bind mount would never see.
+            if self.settings.keys_volume:
+                # The whole volume (Docker 20.10 mounts no sub-folder of one): every
+                # deployment's keys file holds key digests only, never a key.
+                source, inside = self.settings.keys_volume, spec.keys_file.parent.name
+                keys_path = f"{CONTAINER_KEYS_DIR}/{inside}/{spec.keys_file.name}"
+            else:
+                source = str(self.settings.host_path(spec.keys_file.parent))
+                keys_path = f"{CONTAINER_KEYS_DIR}/{spec.keys_file.name}"
+            options["volumes"] = {source: {"bind": CONTAINER_KEYS_DIR, "mode": "ro"}}
+            options["command"] = ["--config", "/model/config.json", "--keys-file", keys_path]
+        if spec.async_dir is not None:
+            _async_mount(options, spec, self.settings.host_path(spec.async_dir))
         if self.settings.network:
             options["network"] = self.settings.network
         else:
             options["ports"] = {
                 f"{port}/tcp": (self.settings.publish_host, None) for port in SERVING_PORTS.values()
             }
-        if spec.device == "gpu":
-            options["device_requests"] = [DeviceRequest(count=-1, capabilities=[["gpu"]])]
+        with contextlib.ExitStack() as placing:
+            if spec.device == "gpu":
+                # Chosen and started under one lock: two rollouts never pick the same GPU.
+                placing.enter_context(placement_lock(self.settings.log_dir.parent / "gpu.lock"))
+                devices = place(self._gpu_inventory(), self.gpus_in_use(), spec.gpus)
+                options["device_requests"] = [
+                    DeviceRequest(device_ids=list(devices), capabilities=[["gpu"]])
+                ]
+                options["labels"] = {**labels, GPUS: ",".join(devices)}
+            return self._create_and_start(spec, options)
+
+    def _gpu_inventory(self) -> tuple[str, ...]:
+        return self.settings.gpu_devices or discover_inventory()
+
+    def gpus_in_use(self) -> dict[str, str]:
+        """Device id -> the container of ours holding it (running or not yet removed)."""
+        held: dict[str, str] = {}
+        for container in self._list(all_states=True):
+            labels = container.labels or {}
+            for device in filter(None, labels.get(GPUS, "").split(",")):
+                held[device] = (
+                    f"deployment {labels.get(DEPLOYMENT, '?')} revision {labels.get(REVISION, '?')}"
+                )
+        return held
+
+    def _create_and_start(self, spec: LaunchSpec, options: dict[str, Any]) -> LaunchResult:
+        from docker.errors import APIError, ImageNotFound
+
         try:
             # create + start, not run: run would try to pull a missing image from a registry.
             container = self.client.containers.create(**options)
@@ -231,9 +329,77 @@ class DockerRuntime:
                     deployment_id=deployment_id,
                     revision_id=revision_id,
                     state=InstanceState.RUNNING if running else InstanceState.EXITED,
+                    replica_id=_int(labels.get(REPLICA)),
                 )
             )
         return instances
+
+    def exits(self, stop: threading.Event) -> Iterator[InstanceExit]:
+        """Our containers' deaths as the engine reports them (its event stream), until
+        ``stop`` is set; an ``oom`` event marks the ``die`` that follows it."""
+        from docker.errors import DockerException
+        from requests.exceptions import RequestException
+
+        since = int(time.time())
+        oom: set[str] = set()
+        while not stop.is_set():
+            try:
+                stream = self.client.events(
+                    decode=True,
+                    since=since,
+                    filters={
+                        "type": "container",
+                        "event": ["die", "oom"],
+                        "label": f"{MANAGED}={self.settings.installation}",
+                    },
+                )
+            except (DockerException, RequestException):
+                stop.wait(1.0)
+                continue
+            closer = threading.Thread(target=lambda s=stream: (stop.wait(), s.close()), daemon=True)
+            closer.start()
+            try:
+                for event in stream:
+                    since = max(since, int(event.get("time", since)))
+                    actor = event.get("Actor") or {}
+                    handle = str(actor.get("ID", ""))
+                    attributes = actor.get("Attributes") or {}
+                    if event.get("status", event.get("Action")) == "oom":
+                        oom.add(handle)
+                        continue
+                    yield self._exit_from(handle, attributes, oom_seen=handle in oom)
+                    oom.discard(handle)
+            except (DockerException, RequestException, ValueError, AttributeError):
+                if not stop.is_set():
+                    stop.wait(0.5)  # the stream broke (an engine restart): read it again
+
+    def _exit_from(
+        self, handle: str, attributes: dict[str, str], *, oom_seen: bool
+    ) -> InstanceExit:
+
+        code = _int(attributes.get("exitCode"), default=-1)
+        killed = ""
+        if code > 128:
+            with contextlib.suppress(ValueError):
+                killed = signal.Signals(code - 128).name
+        oom = oom_seen
+        if not oom:
+            # The engine records an OOM kill on the container even when no event said so.
+            container = self._ours(handle) if _CONTAINER_ID.match(handle) else None
+            with contextlib.suppress(Exception):
+                oom = bool(
+                    ((container.attrs if container else {}).get("State") or {}).get("OOMKilled")
+                )
+        return InstanceExit(
+            runtime=self.name,
+            handle=handle,
+            deployment_id=_int(attributes.get(DEPLOYMENT)),
+            revision_id=_int(attributes.get(REVISION)),
+            replica_id=_int(attributes.get(REPLICA)),
+            exit_code=code if code >= 0 else None,
+            signal=killed,
+            oom=oom,
+        )
 
     # ------------------------------------------------------------ GPU
     def gpu_unavailable_reason(self, *, probe_image: str = "", max_age_s: float = 300) -> str:
@@ -327,6 +493,26 @@ class DockerRuntime:
             )
         _write_pid(pid_file, process.pid)
 
+    def stop_log_shipper(self, *, timeout_s: float = 2.0) -> bool:
+        """Stop this installation's log shipper (it would linger until idle otherwise);
+        whether one was running. It gets SIGTERM, then SIGKILL after ``timeout_s``."""
+        pid_file = self.settings.log_dir / "shipper.pid"
+        if not _process_alive(pid_file):
+            return False
+        pid = int(json.loads(pid_file.read_text())["pid"])
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while _process_alive(pid_file) and time.monotonic() < deadline:
+            _reap(pid)
+            time.sleep(0.05)
+        if _process_alive(pid_file):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        _reap(pid)
+        pid_file.unlink(missing_ok=True)
+        return True
+
     def prune_log_files(self, *, max_age_s: float = 7 * 24 * 3600) -> int:
         """Delete saved logs of containers that are gone, once they are ``max_age_s`` old."""
         log_dir = self.settings.log_dir
@@ -345,9 +531,10 @@ class DockerRuntime:
         return removed
 
     # ------------------------------------------------------------ helpers
-    def container_name(self, revision_id: int) -> str:
-        """One name per revision: the engine refuses a second container for it."""
-        return f"mp-{self.settings.installation}-r{revision_id}"
+    def container_name(self, revision_id: int, replica_id: int = 0) -> str:
+        """One name per revision and replica: the engine refuses a second container for it."""
+        base = f"mp-{self.settings.installation}-r{revision_id}"
+        return f"{base}-p{replica_id}" if replica_id else base
 
     def _list(self, *, all_states: bool) -> list[Any]:
         return list(
@@ -408,6 +595,13 @@ class DockerRuntime:
         return f"Docker could not start the container: {text.splitlines()[0][:400]}"
 
 
+def _int(value: str | None, *, default: int = 0) -> int:
+    try:
+        return int(value or default)
+    except ValueError:
+        return default
+
+
 def exit_detail(state: dict[str, Any]) -> str:
     """Why a container is not running, in words."""
     if state.get("OOMKilled"):
@@ -446,6 +640,12 @@ def _process_alive(pid_file: Path) -> bool:
         return False
     fields = stat[stat.rindex(")") + 2 :].split()
     return fields[0] not in ("Z", "X") and fields[19] == str(recorded.get("start_time"))
+
+
+def _reap(pid: int) -> None:
+    """Collect a child that has exited (the shipper is one when this process started it)."""
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
 
 
 def _write_pid(pid_file: Path, pid: int) -> None:
@@ -488,12 +688,15 @@ def _shrink(out: Any, path: Path) -> int:
 
 
 def ship(installation: str, log_dir: Path, *, poll_s: float = 1.0, idle_exit_s: float = 60) -> int:
-    """Follow every running container of this installation into files, until idle."""
+    """Follow every running container of this installation into files, until idle or
+    until SIGTERM/SIGINT (then it exits within ``poll_s``)."""
     client = docker_client(timeout_s=24 * 3600)
     followers: dict[str, threading.Thread] = {}
     stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda _signum, _frame: stop.set())
     idle_since = time.monotonic()
-    while log_dir.is_dir():
+    while log_dir.is_dir() and not stop.is_set():
         running = client.containers.list(
             filters={"label": f"{MANAGED}={installation}", "status": "running"}
         )
@@ -511,7 +714,7 @@ def ship(installation: str, log_dir: Path, *, poll_s: float = 1.0, idle_exit_s: 
             idle_since = time.monotonic()
         elif time.monotonic() - idle_since > idle_exit_s:
             break
-        time.sleep(poll_s)
+        stop.wait(poll_s)
     stop.set()
     return 0
 
