@@ -13,16 +13,23 @@ file with a code and a message, and the process exits with status 3.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from deployer.convert.external_data import external_data_check
 from deployer.errors import DeployerError, InvalidModel, InvalidSample, LimitExceeded
-from deployer.samples import generate_sample, load_sample, save_known_answer
+from deployer.samples import (
+    Arrays,
+    generate_sample,
+    load_sample,
+    sample_candidates,
+    save_known_answer,
+)
 from deployer.sandbox import HANDLED_ERROR_EXIT, write_result
-from deployer.signature import session_signature
+from deployer.serving.batch_axes import BatchAxes, Dims, find_batch_axes
+from deployer.signature import Signature, session_signature
 
 KNOWN_ANSWER_FILE = "known_answer.npz"
 
@@ -57,7 +64,7 @@ def inspect_model(model_path: Path, out_dir: Path, sample_path: Path | None) -> 
             "or tf2onnx and upload the .onnx file.",
             code="not_onnx",
         )
-    _check_external_data(proto, model_path.parent)
+    external_data_check(proto, model_path.parent)
     try:
         onnx.checker.check_model(str(model_path))
     except onnx.checker.ValidationError as exc:
@@ -83,33 +90,15 @@ def inspect_model(model_path: Path, out_dir: Path, sample_path: Path | None) -> 
     timings["load_ms"] = _ms(started)
 
     signature = session_signature(session)
+    generated: dict[str, Any] | None = None
+    started = time.perf_counter()
     if sample_path is not None:
         inputs = load_sample(sample_path, signature)
         source = "uploaded"
+        values = _run(session, inputs, uploaded=True)
     else:
-        inputs = generate_sample(signature)
         source = "generated"
-
-    started = time.perf_counter()
-    try:
-        values = session.run(None, inputs)
-    except Exception as exc:  # onnxruntime's errors carry the operator that failed
-        if _allocation_failure(exc):
-            raise LimitExceeded(
-                "The model tried to allocate more memory than its limit allows while running "
-                f"({_first_line(exc)}). Raise MODELPORT_VALIDATION_MEMORY_MB if it really "
-                "needs that much.",
-                code="out_of_memory",
-            ) from exc
-        if source == "uploaded":
-            raise InvalidSample(
-                f"The model failed on the uploaded sample input: {_first_line(exc)}"
-            ) from exc
-        raise InvalidModel(
-            f"The model loaded but failed on a generated input: {_first_line(exc)}. "
-            "Upload a sample input that the model accepts.",
-            code="inference_failed",
-        ) from exc
+        inputs, values, generated = _run_generated(session, signature)
     timings["inference_ms"] = _ms(started)
     outputs = {spec.name: value for spec, value in zip(signature.outputs, values, strict=True)}
     save_known_answer(out_dir / KNOWN_ANSWER_FILE, inputs, outputs)
@@ -117,6 +106,7 @@ def inspect_model(model_path: Path, out_dir: Path, sample_path: Path | None) -> 
     return {
         "signature": signature.to_dict(),
         "sample_source": source,
+        **({"generated_sample": generated} if generated is not None else {}),
         "sample_shapes": {name: list(array.shape) for name, array in inputs.items()},
         "ir_version": int(proto.ir_version),
         "opsets": {entry.domain or "ai.onnx": int(entry.version) for entry in proto.opset_import},
@@ -130,32 +120,59 @@ def inspect_model(model_path: Path, out_dir: Path, sample_path: Path | None) -> 
     }
 
 
-def _check_external_data(proto: Any, model_dir: Path) -> None:
-    """External data files must be relative paths that stay inside the model's folder."""
-    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+def _run(session: Any, inputs: Arrays, *, uploaded: bool) -> list[Any]:
+    """Run once; raise a handled error naming what failed."""
+    try:
+        return list(session.run(None, inputs))
+    except Exception as exc:  # onnxruntime's errors carry the operator that failed
+        if _allocation_failure(exc):
+            raise LimitExceeded(
+                "The model tried to allocate more memory than its limit allows while running "
+                f"({_first_line(exc)}). Raise MODELPORT_VALIDATION_MEMORY_MB if it really "
+                "needs that much.",
+                code="out_of_memory",
+            ) from exc
+        if uploaded:
+            raise InvalidSample(
+                f"The model failed on the uploaded sample input: {_first_line(exc)}"
+            ) from exc
+        raise
 
-    root = model_dir.resolve()
-    for tensor in proto.graph.initializer:
-        if not uses_external_data(tensor):
+
+def _run_generated(session: Any, signature: Signature) -> tuple[Arrays, list[Any], dict[str, Any]]:
+    """Try generated inputs of a few sizes until the model runs; say which were tried."""
+    found = find_batch_axes(
+        [_dims(node) for node in session.get_inputs()],
+        [_dims(node) for node in session.get_outputs()],
+    )
+    axes = found.inputs if isinstance(found, BatchAxes) else {}
+    attempts: list[dict[str, Any]] = []
+    first_error = ""
+    for batch, size in sample_candidates(signature, axes):
+        inputs = generate_sample(signature, batch=batch, size=size, batch_axes=axes)
+        try:
+            values = _run(session, inputs, uploaded=False)
+        except LimitExceeded:
+            raise
+        except Exception as exc:
+            first_error = first_error or _first_line(exc)
+            attempts.append({"batch": batch, "size": size, "error": _first_line(exc)[:200]})
             continue
-        location = ExternalDataInfo(tensor).location
-        target = (root / location).resolve()
-        if (
-            os.path.isabs(location)
-            or ".." in Path(location).parts
-            or not target.is_relative_to(root)
-        ):
-            raise InvalidModel(
-                f"Tensor {tensor.name} keeps its data at {location!r}, outside the model's own "
-                "folder. External data files must sit next to the model (upload a .zip with both).",
-                code="external_data_outside",
-            )
-        if not target.is_file():
-            raise InvalidModel(
-                f"Tensor {tensor.name} keeps its data in {location!r}, which was not uploaded. "
-                "Upload a .zip holding the model and its external data files.",
-                code="external_data_missing",
-            )
+        attempts.append({"batch": batch, "size": size, "error": ""})
+        report = {"batch": batch, "free_dim_size": size, "batch_axes": axes, "attempts": attempts}
+        return inputs, values, report
+    tried = ", ".join(f"batch {a['batch']} x {a['size']}" for a in attempts)
+    raise InvalidModel(
+        f"The model loaded but failed on every generated input tried ({tried}): "
+        f"{first_error}. Upload a sample input that the model accepts.",
+        code="inference_failed",
+    )
+
+
+def _dims(node: Any) -> Dims:
+    dims = list(node.shape or ())
+    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in dims)
+    return Dims(node.name, shape, tuple(d if isinstance(d, str) else "" for d in dims))
 
 
 def _numel(tensor: Any) -> int:

@@ -20,14 +20,59 @@ Arrays = dict[str, np.ndarray[Any, Any]]
 MAX_SAMPLE_BYTES = 64 * 1024 * 1024
 
 
-def generate_sample(signature: Signature, *, batch: int = 2, seed: int = 0) -> Arrays:
-    """Inputs that fit the signature: free dimensions become ``batch`` first, 1 after."""
+# Sizes tried for free dimensions other than the batch axis, most realistic first: a
+# sequence or image side of 1 breaks reflect padding, strided heads and window functions.
+FREE_DIM_SIZES = (16, 32, 64, 128, 8, 256, 512, 1024, 1)
+BATCH_SIZES = (2, 1)
+# A generated input larger than this is not tried (64 MB of float32).
+MAX_GENERATED_ELEMENTS = 16 * 1024 * 1024
+
+
+def generate_sample(
+    signature: Signature,
+    *,
+    batch: int = 2,
+    seed: int = 0,
+    size: int = 1,
+    batch_axes: dict[str, int] | None = None,
+) -> Arrays:
+    """Inputs that fit the signature: a free batch axis becomes ``batch``, other free
+    dimensions ``size``. ``batch_axes`` names each input's batch axis (default: the first)."""
     rng = np.random.default_rng(seed)
     arrays: Arrays = {}
     for spec in signature.inputs:
-        shape = tuple((batch if i == 0 else 1) if d < 0 else d for i, d in enumerate(spec.shape))
+        axis = (batch_axes or {}).get(spec.name, 0)
+        shape = generated_shape(spec, batch=batch, size=size, axis=axis)
         arrays[spec.name] = _random_tensor(spec, shape, rng)
     return arrays
+
+
+def generated_shape(spec: TensorSpec, *, batch: int, size: int, axis: int) -> tuple[int, ...]:
+    """The shape ``generate_sample`` gives one input."""
+    return tuple((batch if i == axis else size) if d < 0 else d for i, d in enumerate(spec.shape))
+
+
+def sample_candidates(signature: Signature, batch_axes: dict[str, int]) -> list[tuple[int, int]]:
+    """The (batch, free size) pairs to try for a generated sample, best first.
+
+    A model whose only free dimension is the batch axis gets the batch sizes alone.
+    """
+    has_other = any(
+        d < 0 and i != batch_axes.get(spec.name, 0)
+        for spec in signature.inputs
+        for i, d in enumerate(spec.shape)
+    )
+    sizes = FREE_DIM_SIZES if has_other else (1,)
+    pairs = []
+    for batch in BATCH_SIZES:
+        for size in sizes:
+            shapes = [
+                generated_shape(s, batch=batch, size=size, axis=batch_axes.get(s.name, 0))
+                for s in signature.inputs
+            ]
+            if all(int(np.prod(shape)) <= MAX_GENERATED_ELEMENTS for shape in shapes):
+                pairs.append((batch, size))
+    return pairs
 
 
 def _random_tensor(

@@ -115,7 +115,7 @@ def run_child(
             ) from None
     duration = time.monotonic() - started
     stderr_tail = _tail(stderr_path)
-    result = _read_result(result_path)
+    result = read_result(result_path)
     if returncode == 0 and result is not None:
         return ChildOutcome(result=result, duration_s=duration, stderr_tail=stderr_tail)
     if returncode == HANDLED_ERROR_EXIT and result is not None:
@@ -178,7 +178,8 @@ def _tail(path: Path, limit: int = 4000) -> str:
     return data[-limit:].decode("utf-8", "replace")
 
 
-def _read_result(path: Path) -> dict[str, Any] | None:
+def read_result(path: Path) -> dict[str, Any] | None:
+    """A child's result document, or None if it is missing or not a JSON object."""
     try:
         loaded = json.loads(path.read_text())
     except (OSError, ValueError):

@@ -1,4 +1,4 @@
-"""Extract an uploaded .zip or .tar.gz holding an ONNX model and its external data, safely.
+"""Extract an uploaded .zip or .tar.gz safely; stream the tars going into and out of a sandbox.
 
 Every entry is checked before a byte is written: relative paths only, no ``..``,
 regular files and folders only (no links, devices or FIFOs), and caps on the
@@ -10,17 +10,21 @@ again when the model is validated.
 
 from __future__ import annotations
 
+import io
+import os
+import re
 import shutil
 import stat
 import tarfile
+import time
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO
+from typing import IO, Any
 
-from deployer.errors import InvalidModel
+from deployer.errors import DeployerError, InvalidModel, LimitExceeded
 
 _CHUNK = 1024 * 1024
 
@@ -54,15 +58,26 @@ def extract_onnx_archive(
     archive_path: Path, target: Path, *, limits: ArchiveLimits = ArchiveLimits()
 ) -> ExtractedModel:
     """Unpack the archive into ``target`` (created, and removed again on failure)."""
+    files, total = extract_archive(archive_path, target, limits=limits)
+    try:
+        return ExtractedModel(model_path=_the_model(target, files), files=files, total_bytes=total)
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
+
+
+def extract_archive(
+    archive_path: Path, target: Path, *, limits: ArchiveLimits = ArchiveLimits()
+) -> tuple[tuple[str, ...], int]:
+    """Unpack a .zip or .tar(.gz) into ``target`` (created, removed again on failure);
+    return the files' relative paths and the bytes written."""
     target.mkdir(parents=True, exist_ok=False)
     try:
         with archive_path.open("rb") as handle:
             head = handle.read(4)
         if head.startswith(b"PK"):
-            files, total = _extract_zip(archive_path, target, limits)
-        else:
-            files, total = _extract_tar(archive_path, target, limits)
-        return ExtractedModel(model_path=_the_model(target, files), files=files, total_bytes=total)
+            return _extract_zip(archive_path, target, limits)
+        return _extract_tar(archive_path, target, limits)
     except BaseException:
         shutil.rmtree(target, ignore_errors=True)
         raise
@@ -205,7 +220,7 @@ def _check_total(total: int, archive_path: Path, limits: ArchiveLimits) -> None:
     if total > limits.max_total_bytes:
         raise UnsafeArchive(
             f"The archive unpacks to more than {limits.max_total_bytes // (1024 * 1024)} MB, "
-            "over this server's limit (MODELPORT_CONVERSION_MAX_EXTRACT_MB)."
+            "over this server's limit (MODELPORT_ARCHIVE_MAX_MB)."
         )
     compressed = max(archive_path.stat().st_size, 1)
     if total > 1024 * 1024 and total / compressed > limits.max_ratio:
@@ -235,3 +250,141 @@ def _the_model(target: Path, files: tuple[str, ...]) -> Path:
             code="several_models_in_archive",
         )
     return target / models[0]
+
+
+# ---------------------------------------------------------------- sandbox transfers
+#
+# The files going into a conversion container and the ones coming out travel as tar
+# streams. Both directions are streamed piece by piece, so a multi-GB upload costs the
+# process that holds the Docker socket a few MB, and what comes out is capped.
+
+
+@dataclass(frozen=True)
+class TarEntry:
+    """One entry of a tar stream: a folder, a file on disk, or a few bytes."""
+
+    name: str
+    source: Path | bytes | None = None  # None: a folder
+
+
+class OutputTooLarge(LimitExceeded):
+    """A sandbox tried to hand back more than its output allowance."""
+
+    code = "output_too_large"
+
+
+def tar_stream(entries: Sequence[TarEntry], *, uid: int = 0) -> Iterator[bytes]:
+    """The tar archive of ``entries`` as chunks of at most 1 MiB, owned by ``uid``."""
+    for entry in entries:
+        info = tarfile.TarInfo(entry.name)
+        info.uid = info.gid = uid
+        info.mtime = int(time.time())
+        if entry.source is None:
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            yield info.tobuf(tarfile.PAX_FORMAT)
+            continue
+        info.mode = 0o644
+        if isinstance(entry.source, bytes):
+            info.size = len(entry.source)
+            yield info.tobuf(tarfile.PAX_FORMAT)
+            yield entry.source
+        else:
+            with entry.source.open("rb") as handle:
+                info.size = os.fstat(handle.fileno()).st_size
+                yield info.tobuf(tarfile.PAX_FORMAT)
+                left = info.size
+                while left:
+                    chunk = handle.read(min(_CHUNK, left))
+                    if not chunk:
+                        raise DeployerError(
+                            f"{entry.name} shrank while it was being sent to the sandbox.",
+                            code="sandbox_failed",
+                        )
+                    left -= len(chunk)
+                    yield chunk
+        if info.size % tarfile.BLOCKSIZE:
+            yield tarfile.NUL * (tarfile.BLOCKSIZE - info.size % tarfile.BLOCKSIZE)
+    yield tarfile.NUL * (2 * tarfile.BLOCKSIZE)
+
+
+class _CappedStream(io.RawIOBase):
+    """A readable file over an iterator of chunks that stops past ``cap`` bytes."""
+
+    def __init__(self, chunks: Iterable[bytes], cap: int, error: Callable[[], Exception]) -> None:
+        self._chunks = iter(chunks)
+        self._pending = b""
+        self._cap = cap
+        self._error = error
+        self.read_bytes = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._pending:
+            try:
+                self._pending = next(self._chunks)
+            except StopIteration:
+                return 0
+            self.read_bytes += len(self._pending)
+            if self.read_bytes > self._cap:
+                raise self._error()
+        size = min(len(buffer), len(self._pending))
+        buffer[:size] = self._pending[:size]
+        self._pending = self._pending[size:]
+        return size
+
+
+def extract_flat_folder(
+    chunks: Iterable[bytes],
+    out_dir: Path,
+    *,
+    folder: str,
+    max_bytes: int,
+    max_files: int,
+    name_pattern: re.Pattern[str],
+) -> list[str]:
+    """Take only plain files directly under ``folder/`` from a streamed tar, up to the caps.
+
+    Raises ``OutputTooLarge`` when the files (or the stream) pass ``max_bytes``.
+    """
+
+    def too_large() -> OutputTooLarge:
+        return OutputTooLarge(
+            f"The sandbox tried to hand back more than {max_bytes // (1024 * 1024)} MB "
+            "(MODELPORT_CONVERSION_DISK_MB); the conversion was stopped and nothing of it kept.",
+        )
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Headers and padding come on top of the files' own bytes.
+    stream = _CappedStream(chunks, max_bytes + (max_files + 16) * 4 * tarfile.BLOCKSIZE, too_large)
+    taken: list[str] = []
+    written = 0
+    try:
+        with tarfile.open(fileobj=io.BufferedReader(stream, _CHUNK), mode="r|") as archive:
+            for member in archive:
+                parts = PurePosixPath(member.name).parts
+                if len(parts) != 2 or parts[0] != folder or not member.isreg():
+                    continue
+                if not name_pattern.match(parts[1]):
+                    continue
+                if len(taken) >= max_files:
+                    raise DeployerError("The sandbox wrote too many files.", code="sandbox_failed")
+                if written + member.size > max_bytes:
+                    raise too_large()
+                source = archive.extractfile(member)
+                if source is None:
+                    continue
+                taken.append(parts[1])
+                with source, (out_dir / parts[1]).open("wb") as target:
+                    shutil.copyfileobj(source, target, _CHUNK)
+                written += member.size
+    except BaseException as exc:
+        for name in taken:
+            (out_dir / name).unlink(missing_ok=True)
+        if isinstance(exc, tarfile.TarError):
+            raise DeployerError(
+                f"The sandbox's output could not be read ({exc}).", code="sandbox_failed"
+            ) from exc
+        raise
+    return taken

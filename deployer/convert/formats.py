@@ -16,6 +16,7 @@ import io
 import lzma
 import os
 import pickletools
+import sys
 import tarfile
 import zipfile
 import zlib
@@ -37,9 +38,16 @@ class Format(enum.StrEnum):
     ONNX_ARCHIVE = "onnx_archive"
     TORCHSCRIPT = "torchscript"
     TORCH_EXPORT = "torch_export"
+    TORCH_STATE_DICT = "torch_state_dict"
     SKOPS = "skops"
     PICKLE = "pickle"
     JOBLIB = "joblib"
+    XGBOOST = "xgboost"
+    LIGHTGBM = "lightgbm"
+    CATBOOST = "catboost"
+    KERAS = "keras"
+    TF_SAVED_MODEL = "tf_saved_model"
+    TRANSFORMERS = "transformers"
 
 
 LABELS: dict[Format, str] = {
@@ -47,19 +55,78 @@ LABELS: dict[Format, str] = {
     Format.ONNX_ARCHIVE: "ONNX archive (.zip/.tar.gz with external data)",
     Format.TORCHSCRIPT: "PyTorch TorchScript (torch.jit.save)",
     Format.TORCH_EXPORT: "PyTorch torch.export program (.pt2)",
+    Format.TORCH_STATE_DICT: "PyTorch state_dict with its module's source (.zip/.tar.gz)",
     Format.SKOPS: "scikit-learn via skops (.skops)",
     Format.PICKLE: "scikit-learn pickle (.pkl)",
     Format.JOBLIB: "scikit-learn joblib (.joblib)",
+    Format.XGBOOST: "XGBoost model (save_model: .json or .ubj)",
+    Format.LIGHTGBM: "LightGBM text model (save_model: .txt)",
+    Format.CATBOOST: "CatBoost model (save_model: .cbm)",
+    Format.KERAS: "Keras 3 model (.keras)",
+    Format.TF_SAVED_MODEL: "TensorFlow SavedModel folder (.zip/.tar.gz)",
+    Format.TRANSFORMERS: "Hugging Face transformers model folder (.zip/.tar.gz)",
+}
+
+# What an upload of each format needs besides the file, for the upload page and README.
+NEEDS: dict[Format, str] = {
+    Format.ONNX: "the .onnx file",
+    Format.ONNX_ARCHIVE: "one archive: the .onnx file and its external data files",
+    Format.TORCHSCRIPT: "the file from torch.jit.save, and a sample input (it records no shapes)",
+    Format.TORCH_EXPORT: "the .pt2 file from torch.export.save",
+    Format.TORCH_STATE_DICT: (
+        "one archive: the weights (torch.save(model.state_dict())), the module's source (.py) "
+        'and modelport.json {"module": "net.py", "class": "Net", "kwargs": {...}}; a sample '
+        'input or "inputs" in modelport.json'
+    ),
+    Format.SKOPS: "the .skops file (a sample input when the estimator records no feature count)",
+    Format.PICKLE: "the pickle of a scikit-learn estimator or pipeline",
+    Format.JOBLIB: "the joblib file of a scikit-learn estimator or pipeline",
+    Format.XGBOOST: "the file from save_model (.json or .ubj)",
+    Format.LIGHTGBM: "the text file from booster.save_model",
+    Format.CATBOOST: "the .cbm file from save_model (numeric features only)",
+    Format.KERAS: "the .keras file from model.save (Keras 3)",
+    Format.TF_SAVED_MODEL: (
+        "one archive of the folder tf.saved_model.save wrote, with a serving_default signature"
+    ),
+    Format.TRANSFORMERS: (
+        "one archive of the folder save_pretrained wrote (config.json and the weights); the "
+        "model takes input_ids and attention_mask, so tokenizing stays the caller's job; a "
+        "sample of token ids (.npz) is optional"
+    ),
 }
 
 # Loading these runs code from the file: only in a container, or where an operator
 # trusts the uploaders (trusted local conversion).
-CODE_EXECUTING = frozenset({Format.TORCHSCRIPT, Format.TORCH_EXPORT, Format.PICKLE, Format.JOBLIB})
-TORCH_FORMATS = frozenset({Format.TORCHSCRIPT, Format.TORCH_EXPORT})
+CODE_EXECUTING = frozenset(
+    {Format.TORCHSCRIPT, Format.TORCH_EXPORT, Format.TORCH_STATE_DICT, Format.PICKLE, Format.JOBLIB}
+)
+TORCH_FORMATS = frozenset({Format.TORCHSCRIPT, Format.TORCH_EXPORT, Format.TORCH_STATE_DICT})
 SKLEARN_FORMATS = frozenset({Format.SKOPS, Format.PICKLE, Format.JOBLIB})
+TREE_FORMATS = frozenset({Format.XGBOOST, Format.LIGHTGBM, Format.CATBOOST})
+TENSORFLOW_FORMATS = frozenset({Format.KERAS, Format.TF_SAVED_MODEL})
+# One input table [rows, features], whatever the sample calls it.
+TABLE_FORMATS = SKLEARN_FORMATS | TREE_FORMATS
 ONNX_FORMATS = frozenset({Format.ONNX, Format.ONNX_ARCHIVE})
 # Formats that need a converter; ONNX and ONNX archives are served as they are.
-CONVERTED_FORMATS = TORCH_FORMATS | SKLEARN_FORMATS
+CONVERTED_FORMATS = (
+    TORCH_FORMATS | SKLEARN_FORMATS | TREE_FORMATS | TENSORFLOW_FORMATS | {Format.TRANSFORMERS}
+)
+# Converted in a container or not at all, trusted local conversion or not: the trees'
+# frameworks exist only in their converter image (never next to the portal), and a
+# state_dict upload is the uploader's Python source, run only where it cannot reach anything.
+CONTAINER_ONLY = TREE_FORMATS | TENSORFLOW_FORMATS | {Format.TORCH_STATE_DICT, Format.TRANSFORMERS}
+# The converter image (``deployer.convert.image.FAMILIES``) each converted format needs.
+_FAMILIES: dict[Format, str] = {
+    **dict.fromkeys(TREE_FORMATS, "trees"),
+    **dict.fromkeys(TENSORFLOW_FORMATS, "tensorflow"),
+    Format.TRANSFORMERS: "transformers",
+}
+
+
+def family_of(fmt: Format) -> str:
+    """The converter family (image) that converts ``fmt``."""
+    return _FAMILIES.get(fmt, "core")
+
 
 # Stated formats that name the same thing as a detected one.
 _SAME_FAMILY = [ONNX_FORMATS, frozenset({Format.PICKLE, Format.JOBLIB})]
@@ -77,13 +144,57 @@ _EXTENSIONS: dict[str, Format] = {
     ".pkl": Format.PICKLE,
     ".pickle": Format.PICKLE,
     ".joblib": Format.JOBLIB,
+    ".ubj": Format.XGBOOST,
+    ".cbm": Format.CATBOOST,
+    ".keras": Format.KERAS,
 }
 
 _TORCH_EXPORT_HINT = (
     "export it with torch.export (torch.export.save(torch.export.export(model, example_inputs), "
     "'model.pt2')) or as TorchScript (torch.jit.script(model).save('model.pt')) and upload that"
 )
+# What names a state_dict archive's module (``deployer.convert.state_dict_convert``).
+STATE_DICT_MANIFEST = "modelport.json"
+_STATE_DICT_HINT = (
+    "upload the weights in a .zip or .tar.gz with the module's source file (.py) and "
+    'modelport.json naming the class: {"module": "net.py", "class": "Net", "kwargs": {}}'
+)
 _TF2ONNX_HINT = "export it as ONNX with tf2onnx (python -m tf2onnx.convert) and upload the .onnx"
+
+
+def safe_alternative(fmt: Format) -> str:
+    """What to upload instead of ``fmt`` where files that run code are refused."""
+    if fmt in TENSORFLOW_FORMATS:
+        return _TF2ONNX_HINT
+    if fmt == Format.TRANSFORMERS:
+        return (
+            "export the model to ONNX yourself (torch.onnx.export of the model with input_ids "
+            "and attention_mask) and upload the .onnx"
+        )
+    if fmt in TREE_FORMATS:
+        return (
+            "export the model to ONNX yourself (onnxmltools for XGBoost and LightGBM, "
+            "save_model(..., format='onnx') for CatBoost) and upload the .onnx"
+        )
+    if fmt in TORCH_FORMATS:
+        return (
+            "export the model to ONNX (torch.onnx.export(model, example_inputs, 'model.onnx')) "
+            "and upload the .onnx"
+        )
+    return "upload the model as ONNX or as a skops file (skops.io.dump)"
+
+
+def torch_install_command() -> str:
+    """The command that adds PyTorch next to this installation's interpreter.
+
+    A source checkout (the usual install, ``pip install -e .``) gets its own ``torch``
+    extra; any other install gets the extra's pins directly. ``modelport`` is not on PyPI.
+    """
+    root = Path(__file__).resolve().parents[2]
+    python = sys.executable or "python3"
+    if (root / "pyproject.toml").is_file() and "torch = [" in (root / "pyproject.toml").read_text():
+        return f"{python} -m pip install -e '{root}[torch]'"
+    return f"{python} -m pip install torch==2.13.0 'onnxscript>=0.5'"
 
 
 class UnsupportedFormat(DeployerError):
@@ -115,7 +226,10 @@ def detect(path: Path) -> Detection:
     if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
         return _detect_zip(path)
     if head.startswith(b"\x89HDF\r\n\x1a\n"):
-        raise UnsupportedFormat(f"not supported yet: a Keras/HDF5 model (.h5); {_TF2ONNX_HINT}.")
+        raise UnsupportedFormat(
+            "not supported: a legacy Keras/HDF5 model (.h5). Load it and save it as Keras 3 "
+            f"(model.save('model.keras')) and upload that, or {_TF2ONNX_HINT}."
+        )
     if len(head) > 262 and head[257:262] == b"ustar":
         return _detect_tar(path, "r:")
     if head.startswith(b"\x1f\x8b"):
@@ -132,9 +246,9 @@ def detect(path: Path) -> Detection:
     pickled = _detect_pickle(_read(path), "pickle")
     if pickled is not None:
         return pickled
-    text = _detect_text_model(head)
-    if text is not None:
-        raise UnsupportedFormat(text)
+    trees = _detect_tree_model(head)
+    if trees is not None:
+        return trees
     return _detect_protobuf(path, size)
 
 
@@ -218,7 +332,33 @@ def _detect_zip(path: Path) -> Detection:
         return Detection(None, f"it starts like a zip archive but cannot be read as one ({exc})")
 
 
+def _state_dict_archive(names: list[str], kind: str) -> Detection | None:
+    """An archive with modelport.json and a Python source: a state_dict with its module."""
+    base = {os.path.basename(n) for n in names}
+    if STATE_DICT_MANIFEST in base and any(n.endswith(".py") for n in base):
+        return Detection(
+            Format.TORCH_STATE_DICT,
+            f"{kind} with {STATE_DICT_MANIFEST} and a module's source",
+            container=kind,
+        )
+    return None
+
+
+def _transformers_archive(names: list[str], kind: str) -> Detection | None:
+    """An archive of a save_pretrained folder: config.json beside safetensors or .bin weights."""
+    base = {os.path.basename(n) for n in names}
+    weights = any(n.endswith(".safetensors") for n in base) or "pytorch_model.bin" in base
+    if "config.json" in base and weights and "metadata.json" not in base:
+        return Detection(
+            Format.TRANSFORMERS, f"{kind} with config.json and transformers weights", kind
+        )
+    return None
+
+
 def _classify_zip(archive: zipfile.ZipFile, names: list[str]) -> Detection:
+    found = _state_dict_archive(names, "zip") or _transformers_archive(names, "zip")
+    if found is not None:
+        return found
     # torch writes every entry under one top folder named after the file.
     tails = {name.split("/", 1)[1] if "/" in name else name for name in names}
     if any(t.startswith("code/") for t in tails) and "constants.pkl" in tails:
@@ -232,9 +372,9 @@ def _classify_zip(archive: zipfile.ZipFile, names: list[str]) -> Detection:
     if "schema.json" in names:
         return Detection(Format.SKOPS, "zip with a skops schema.json", "zip")
     if "saved_model.pb" in {os.path.basename(n) for n in names}:
-        raise UnsupportedFormat(f"not supported yet: a TensorFlow SavedModel; {_TF2ONNX_HINT}.")
+        return Detection(Format.TF_SAVED_MODEL, "zip with a SavedModel (saved_model.pb)", "zip")
     if {"config.json", "metadata.json"} <= set(names) and any(n.endswith(".h5") for n in names):
-        raise UnsupportedFormat(f"not supported yet: a Keras model (.keras); {_TF2ONNX_HINT}.")
+        return Detection(Format.KERAS, "zip with Keras's config.json and metadata.json", "zip")
     onnx_entries = [n for n in names if n.lower().endswith(".onnx")]
     if onnx_entries:
         return Detection(
@@ -258,8 +398,8 @@ def _raise_torch_save(archive: zipfile.ZipFile, entry: str) -> None:
             f"needs your training code. Instead, {_TORCH_EXPORT_HINT}."
         )
     raise UnsupportedFormat(
-        "This torch.save file holds only tensors (a state_dict), not the model's code. "
-        f"To upload the model, {_TORCH_EXPORT_HINT}."
+        "This torch.save file holds only tensors (a state_dict), not the model's code. To "
+        f"upload it, {_STATE_DICT_HINT}; or {_TORCH_EXPORT_HINT}."
     )
 
 
@@ -288,9 +428,12 @@ def _detect_tar(path: Path, mode: str) -> Detection:
     except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
         if not names:
             return Detection(None, f"it starts like a {kind} archive but cannot be read ({exc})")
+    found = _state_dict_archive(names, kind) or _transformers_archive(names, kind)
+    if found is not None:
+        return found
     base_names = {os.path.basename(n) for n in names}
     if "saved_model.pb" in base_names:
-        raise UnsupportedFormat(f"not supported yet: a TensorFlow SavedModel; {_TF2ONNX_HINT}.")
+        return Detection(Format.TF_SAVED_MODEL, f"{kind} with a SavedModel (saved_model.pb)", kind)
     onnx_entries = [n for n in names if n.lower().endswith(".onnx")]
     if onnx_entries:
         return Detection(
@@ -439,14 +582,18 @@ def _detect_pickle(data: bytes, kind: str) -> Detection | None:
                 f"code. Instead, {_TORCH_EXPORT_HINT}."
             )
         raise UnsupportedFormat(
-            "This pickle holds PyTorch tensors (a state_dict), not a model. "
-            f"To upload the model, {_TORCH_EXPORT_HINT}."
+            "This pickle holds PyTorch tensors (a state_dict), not a model. To upload it, "
+            f"{_STATE_DICT_HINT}; or {_TORCH_EXPORT_HINT}."
         )
-    for library, converter in (("xgboost", "convert_xgboost"), ("lightgbm", "convert_lightgbm")):
+    for library, saved in (
+        ("xgboost", "booster.save_model('model.json')"),
+        ("lightgbm", "booster.save_model('model.txt')"),
+        ("catboost", "model.save_model('model.cbm')"),
+    ):
         if library in modules:
             raise UnsupportedFormat(
-                f"not supported yet: a pickled {library} model; export it as ONNX with "
-                f"onnxmltools ({converter}) and upload the .onnx file."
+                f"A pickled {library} model is not accepted: unpickling it runs code and ties it "
+                f"to one {library} version. Save it with {saved} and upload that file."
             )
     if modules & {"keras", "tensorflow", "tf_keras"}:
         raise UnsupportedFormat(
@@ -458,18 +605,24 @@ def _detect_pickle(data: bytes, kind: str) -> Detection | None:
     )
 
 
-def _detect_text_model(head: bytes) -> str | None:
+def _detect_tree_model(head: bytes) -> Detection | None:
+    """XGBoost (JSON or UBJSON), LightGBM (text) and CatBoost (binary) model files."""
     text = head.lstrip()
-    if text.startswith(b"tree\nversion=") or text.startswith(b"tree\r\nversion="):
-        return (
-            "not supported yet: a LightGBM text model; export it as ONNX with onnxmltools "
-            "(convert_lightgbm) and upload the .onnx file."
+    if text.startswith((b"tree\nversion=", b"tree\r\nversion=")):
+        return Detection(Format.LIGHTGBM, "a LightGBM text model (tree, version=...)", "text")
+    if head.startswith(b"CBM1"):
+        return Detection(Format.CATBOOST, "a CatBoost model (CBM1 header)", "cbm")
+    if head.startswith(b"binf"):
+        raise UnsupportedFormat(
+            "This is an XGBoost model in the old binary format, which XGBoost 3 no longer "
+            "reads. Load it with the XGBoost that wrote it and save it again with "
+            "booster.save_model('model.json') or ('model.ubj'), then upload that file."
         )
-    if (text.startswith(b"{") and b"learner" in head) or head.startswith(b"binf"):
-        return (
-            "not supported yet: an XGBoost model; export it as ONNX with onnxmltools "
-            "(convert_xgboost) and upload the .onnx file."
-        )
+    if text.startswith(b'{"') and b'"learner"' in head:
+        return Detection(Format.XGBOOST, "an XGBoost JSON model (a learner object)", "json")
+    # UBJSON: '{', then each key as a length-prefixed string (i/U/I/l/L marker).
+    if head.startswith(b"{") and head[1:2] in b"iUIlL" and b"learner" in head[:64]:
+        return Detection(Format.XGBOOST, "an XGBoost UBJSON model (a learner object)", "ubj")
     return None
 
 
@@ -523,7 +676,8 @@ def _detect_protobuf(path: Path, size: int) -> Detection:
         head = _read(path, 65536)
         if b"serve" in head or b"tensorflow" in head:
             raise UnsupportedFormat(
-                f"not supported yet: a TensorFlow SavedModel (saved_model.pb); {_TF2ONNX_HINT}."
+                "This is a SavedModel's saved_model.pb alone; its variables/ folder is needed too. "
+                "Archive the whole SavedModel folder (.zip or .tar.gz) and upload that."
             )
     evidence = "an ONNX protobuf" + (" (cut short)" if truncated else "")
     return Detection(Format.ONNX, evidence, "protobuf")

@@ -30,7 +30,15 @@ from pathlib import Path
 from typing import Any
 
 from deployer.convert import onnx_tools
-from deployer.convert.formats import ONNX_FORMATS, SKLEARN_FORMATS, Format
+from deployer.convert.external_data import external_data_check
+from deployer.convert.formats import (
+    ONNX_FORMATS,
+    SKLEARN_FORMATS,
+    TABLE_FORMATS,
+    TENSORFLOW_FORMATS,
+    TREE_FORMATS,
+    Format,
+)
 from deployer.convert.parity import check_result, compare_outputs, median_ms
 from deployer.convert.report import (
     REPORT_FILE,
@@ -90,6 +98,22 @@ def _load_converter(source: Path, fmt: Format) -> Any:
         from deployer.convert.sklearn_convert import SklearnConverter
 
         return SklearnConverter(source, fmt)
+    if fmt in TREE_FORMATS:
+        from deployer.convert.trees_convert import TreesConverter
+
+        return TreesConverter(source, fmt)
+    if fmt in TENSORFLOW_FORMATS:
+        from deployer.convert.tf_convert import TensorflowConverter
+
+        return TensorflowConverter(source, fmt)
+    if fmt == Format.TRANSFORMERS:
+        from deployer.convert.hf_convert import TransformersConverter
+
+        return TransformersConverter(source, fmt)
+    if fmt == Format.TORCH_STATE_DICT:
+        from deployer.convert.state_dict_convert import StateDictConverter
+
+        return StateDictConverter(source, fmt)
     from deployer.convert.torch_convert import TorchConverter
 
     return TorchConverter(source, fmt)
@@ -128,18 +152,12 @@ def _check_inputs(signature: Signature, sample: Arrays | None, dynamic: bool) ->
 def _copy_served(model: Path, out_dir: Path) -> None:
     """Copy the served model (and the external data files it names) into the output folder."""
     import onnx
-    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
     proto = onnx.load(str(model), load_external_data=False)
-    for location in {
-        ExternalDataInfo(t).location for t in proto.graph.initializer if uses_external_data(t)
-    }:
-        source = (model.parent / location).resolve()
-        if not source.is_relative_to(model.parent.resolve()):
-            raise InvalidModel(
-                "The converted model keeps data outside its folder.", code="external_data_outside"
-            )
-        shutil.copyfile(source, out_dir / location)
+    for location in external_data_check(proto, model.parent):
+        target = out_dir / location
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(model.parent / location, target)
     shutil.copyfile(model, out_dir / SERVED_FILE)
 
 
@@ -355,7 +373,7 @@ def run_job(
 def _read_sample(path: Path | None, input_names: list[str], fmt: Format) -> Arrays | None:
     if path is None:
         return None
-    if fmt in SKLEARN_FORMATS:
+    if fmt in TABLE_FORMATS:
         # A table has one input whatever the sample calls it.
         arrays = read_sample(path, input_names)
         if len(arrays) == 1:

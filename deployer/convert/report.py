@@ -182,11 +182,28 @@ class OutputCheck:
         if self.kind == "float" and self.max_abs_diff is not None:
             return (
                 f"{self.name}: max abs {self.max_abs_diff:.3g}, max rel {self.max_rel_diff:.3g} "
-                f"(atol {self.atol:g}, rtol {self.rtol:g})"
+                f"(atol {self.atol:g}, rtol {self.rtol:g}): {self.why()}"
             )
         if self.agreement is not None:
             return f"{self.name}: {self.agreement:.1%} agree"
         return f"{self.name}: {self.note or 'not compared'}"
+
+    def why(self) -> str:
+        """Why a float output passed or failed: an element passes when its difference is
+        at most atol + rtol * |expected|, so a large relative difference on a value near
+        zero can pass on atol alone."""
+        atol, rtol = self.atol or 0.0, self.rtol or 0.0
+        abs_diff, rel_diff = self.max_abs_diff or 0.0, self.max_rel_diff or 0.0
+        if not self.passed:
+            return (
+                f"fail, {self.mismatched} of {self.elements} element(s) differ by more than "
+                "atol + rtol × |expected|"
+            )
+        if abs_diff <= atol:
+            return "pass, every difference is within atol"
+        if rel_diff <= rtol:
+            return "pass, every difference is within rtol of its expected value"
+        return "pass, every difference is within atol + rtol × |expected|"
 
 
 @dataclass(frozen=True)

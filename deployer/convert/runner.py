@@ -3,11 +3,11 @@
 Loading a pickle, a TorchScript archive or a .pt2 program can run code, so that
 never happens in the process that calls this module. With a Docker engine the job
 runs in a container from the converter image: no network, a non-root user, a
-read-only root with a small tmpfs, every capability dropped, no-new-privileges,
-memory, CPU, process and time limits, and no host folder mounted. The upload
-(and the sample) are copied into a private volume before the container starts;
-after it exits only ``model.onnx`` (with its external data) and ``report.json``
-are copied out, and the container and its volume are removed, always.
+small tmpfs, every capability dropped, no-new-privileges, memory, CPU, process,
+disk, log and time limits, and no host folder mounted. The upload (and the sample)
+are streamed into the container's own layer before it starts; after it exits only
+``model.onnx`` (with its external data) and ``report.json`` are streamed out,
+up to the disk allowance, and the container is removed, always.
 
 Without Docker, ONNX and skops files (which load without running code from the
 file) are handled in a child process with memory and time limits; the other
@@ -17,12 +17,12 @@ formats only when the operator enabled trusted local conversion.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
+import queue
 import re
 import shutil
-import tarfile
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -30,7 +30,16 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
-from deployer.convert.formats import CODE_EXECUTING, LABELS, ONNX_FORMATS, Format
+from deployer.convert.archive import TarEntry, extract_flat_folder, tar_stream
+from deployer.convert.formats import (
+    CODE_EXECUTING,
+    CONTAINER_ONLY,
+    LABELS,
+    ONNX_FORMATS,
+    Format,
+    family_of,
+    safe_alternative,
+)
 from deployer.convert.job import KNOWN_ANSWER_FILE, PROGRESS_FILE, PROGRESS_MARK, SERVED_FILE
 from deployer.convert.report import OPTIONS_FILE, REPORT_FILE, ConversionOptions, ConversionReport
 from deployer.errors import DeployerError, LimitExceeded
@@ -41,6 +50,12 @@ _MAX_OUTPUT_FILES = 64
 # The container's only writable place besides its volume: a size-capped tmpfs.
 _CONTAINER_TMP = "/tmp"  # noqa: S108
 _OUTPUT_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$")
+SANDBOX_UID = 10001
+# The converter image's interpreter (``deployer.convert.image``).
+_PYTHON = "/opt/convert/bin/python"
+_MB = 1024 * 1024
+_DISK_POLL_S = 1.0
+_MAX_LOG_LINE = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -104,35 +119,59 @@ class Sandbox(Protocol):
         ...
 
 
+class SandboxFactory(Protocol):
+    """Builds the container sandbox from the converter image of a family."""
+
+    def __call__(self, family: str = "core") -> ContainerSandbox:
+        """The sandbox whose image converts ``family``'s formats."""
+        ...
+
+
 # ---------------------------------------------------------------- choosing a sandbox
 
 
 def refusal_message(fmt: Format) -> str:
-    """Why a format is refused on a server without Docker and without trusted conversion."""
+    """Why a format is refused on a server without Docker (and, for most, without trust)."""
+    if fmt == Format.TORCH_STATE_DICT:
+        return (
+            f"A {LABELS[fmt]} runs the uploaded Python source to rebuild the module, which "
+            "ModelPort does only in its isolated converter container, and no Docker engine "
+            f"answers on this server. Ask the operator to start Docker, or {safe_alternative(fmt)}."
+        )
+    if fmt in CONTAINER_ONLY:
+        return (
+            f"{LABELS[fmt]} files are converted only in ModelPort's isolated converter container "
+            f"(the {family_of(fmt)!r} converter image holds the framework; the server itself "
+            "does not), and no Docker engine answers on this server. Ask the operator to start "
+            f"Docker, or {safe_alternative(fmt)}."
+        )
     return (
         f"{LABELS[fmt]} files can run code when they are loaded, so ModelPort loads them only "
         "in an isolated container, and no Docker engine answers on this server. Ask the operator "
         "to start Docker (or to enable trusted local conversion with "
-        "MODELPORT_CONVERSION_TRUSTED_LOCAL=true, if every uploader is trusted), or upload the "
-        "model as ONNX or as a skops file (skops.io.dump)."
+        "MODELPORT_CONVERSION_TRUSTED_LOCAL=true, if every uploader is trusted), or "
+        f"{safe_alternative(fmt)}."
     )
 
 
 def choose_sandbox(
     fmt: Format,
     *,
-    container: Callable[[], Sandbox] | None,
+    container: SandboxFactory | None,
     limits: Limits,
     trusted_local: bool,
 ) -> Sandbox:
     """The container for every converted format when there is one; else what is allowed.
 
-    ``container`` builds the container sandbox (None: no Docker engine answers).
+    ``container`` builds the container sandbox of a converter family (None: no Docker
+    engine answers).
     """
     if fmt in ONNX_FORMATS:
         return ChildSandbox(limits)
     if container is not None:
-        return container()
+        return container(family_of(fmt))
+    if fmt in CONTAINER_ONLY:
+        raise ConversionRefused(refusal_message(fmt))
     if fmt not in CODE_EXECUTING:
         return ChildSandbox(limits)
     if trusted_local:
@@ -222,22 +261,30 @@ def _limit_message(exc: LimitExceeded, limits: Limits) -> LimitExceeded:
 
 
 class _ProgressTail:
-    """Relays new lines of a progress.jsonl file to a callback."""
+    """Relays new lines of a progress.jsonl file to a callback.
+
+    Each poll reads once, from where the last complete line ended; a line still being
+    written stays unread until its newline arrives, so no line is skipped or cut.
+    """
 
     def __init__(self, path: Path, on_step: StepCallback) -> None:
-        self.path, self.on_step, self.seen = path, on_step, 0
+        self.path, self.on_step, self.offset = path, on_step, 0
 
     def poll(self) -> None:
         try:
-            lines = self.path.read_text().splitlines()
+            with self.path.open("rb") as handle:
+                handle.seek(self.offset)
+                data = handle.read()
         except OSError:
             return
-        complete = lines if self.path.read_text().endswith("\n") else lines[:-1]
-        for line in complete[self.seen :]:
-            event = parse_progress(line)
+        complete, newline, _partial = data.rpartition(b"\n")
+        if not newline:
+            return
+        self.offset += len(complete) + 1
+        for line in complete.split(b"\n"):
+            event = parse_progress(line.decode("utf-8", errors="replace"))
             if event is not None:
                 self.on_step(event)
-        self.seen = max(self.seen, len(complete))
 
 
 def parse_progress(line: str) -> StepEvent | None:
@@ -308,6 +355,11 @@ class ContainerLimits:
     pids: int = 256
     timeout_s: float = 600.0
     tmpfs_mb: int = 1024
+    # What the job may write besides its input (its output and scratch files), and
+    # what may come back out: the served model with its external data.
+    disk_mb: int = 8192
+    # Its log (stdout and stderr), as the engine keeps it and as it is read here.
+    log_mb: int = 16
 
 
 class ContainerSandbox:
@@ -329,21 +381,63 @@ class ContainerSandbox:
         self.labels = dict(labels or {})
 
     def run(self, request: ConversionRequest, on_step: StepCallback) -> float:
+        work = PurePosixPath("/work")
+        sample = f"/work/in/{_sample_name(request)}" if request.sample_path else None
+        known = "/work/in/known_answer.npz" if request.known_answer else None
+        command = _job_args(
+            request,
+            source=str(work / "in" / _source_name(request)),
+            options=str(work / "in" / OPTIONS_FILE),
+            out=str(work / "out"),
+            result=str(work / "out" / RESULT_FILE),
+            sandbox=self.name,
+            sample=sample,
+            known_answer=known,
+            scratch=_CONTAINER_TMP,
+        )
+        return self._run(command, _input_entries(request), request.out_dir, on_step)
+
+    def run_module(
+        self,
+        module: str,
+        args: list[str],
+        files: dict[str, Path],
+        out_dir: Path,
+        *,
+        on_step: StepCallback = _ignore,
+    ) -> float:
+        """Run ``python -m module args`` of the converter image on ``files`` (by their
+        path under /work/in); its /work/out comes back into ``out_dir``."""
+        folders = sorted({str(PurePosixPath(f"in/{n}").parent) for n in files} - {"in"})
+        entries = [TarEntry("in"), TarEntry("out"), *(TarEntry(f) for f in folders)]
+        entries += [TarEntry(f"in/{name}", path) for name, path in sorted(files.items())]
+        return self._run(args, entries, out_dir, on_step, entrypoint=[_PYTHON, "-m", module])
+
+    def _run(
+        self,
+        command: list[str],
+        entries: list[TarEntry],
+        out_dir: Path,
+        on_step: StepCallback,
+        *,
+        entrypoint: list[str] | None = None,
+    ) -> float:
         from docker.errors import APIError, NotFound
 
         container = None
         started = time.monotonic()
+        out_dir.mkdir(parents=True, exist_ok=True)
         try:
-            container = self._create(request)
-            container.put_archive("/work", _input_archive(request))
+            container = self._create(command, entrypoint)
+            container.put_archive("/work", tar_stream(entries, uid=SANDBOX_UID))
             container.start()
-            code = self._wait(container, on_step)
-            self._fetch(container, request.out_dir)
-            self._raise_for(container, code, request)
+            code = self._wait(container, on_step, _input_bytes(entries))
+            self._fetch(container, out_dir)
+            self._raise_for(container, code, out_dir)
             return time.monotonic() - started
         except APIError as exc:
             raise DeployerError(
-                f"The Docker engine refused the conversion container: {_first_line(exc)}.",
+                f"The Docker engine refused the sandbox container: {_first_line(exc)}.",
                 code="sandbox_failed",
             ) from exc
         finally:
@@ -359,35 +453,29 @@ class ContainerSandbox:
                     with contextlib.suppress(APIError, NotFound):
                         container.remove(force=True, v=True)
 
-    def _create(self, request: ConversionRequest) -> Any:
-        from docker.types import Mount
+    def _create(self, command: list[str], entrypoint: list[str] | None = None) -> Any:
+        from docker.types import LogConfig, Ulimit
 
-        work = PurePosixPath("/work")
-        sample = f"/work/in/{_sample_name(request)}" if request.sample_path else None
-        known = "/work/in/known_answer.npz" if request.known_answer else None
-        command = _job_args(
-            request,
-            source=str(work / "in" / _source_name(request)),
-            options=str(work / "in" / OPTIONS_FILE),
-            out=str(work / "out"),
-            result=str(work / "out" / RESULT_FILE),
-            sandbox=self.name,
-            sample=sample,
-            known_answer=known,
-            scratch=_CONTAINER_TMP,
-        )
         limits = self.limits
+        disk = limits.disk_mb * _MB
         return self.client.containers.create(
             self.image,
             command=command,
+            entrypoint=entrypoint,
             name=f"modelport-convert-{uuid.uuid4().hex[:12]}",
-            user="10001:10001",
+            user=f"{SANDBOX_UID}:{SANDBOX_UID}",
             network_mode="none",
-            read_only=True,
+            # No volume and no read-only root: the input and the results live in the
+            # container's own writable layer, because that is what the engine can measure
+            # (``SizeRw``, polled in ``_wait``); a volume has no size cap on this storage
+            # driver. The image's files are root's, so the job (uid 10001, no capabilities)
+            # can write only to /work, /tmp and the image's world-writable folders.
             tmpfs={_CONTAINER_TMP: f"rw,noexec,nosuid,nodev,size={limits.tmpfs_mb}m,mode=1777"},
-            # A private anonymous volume (not a host folder) for the file going in and
-            # the results coming out; removed with the container.
-            mounts=[Mount(target="/work", source=None, type="volume")],
+            # No single file past the disk allowance, enforced by the kernel at once.
+            ulimits=[Ulimit(name="fsize", soft=disk, hard=disk)],
+            log_config=LogConfig(
+                type="json-file", config={"max-size": f"{limits.log_mb}m", "max-file": "1"}
+            ),
             cap_drop=["ALL"],
             security_opt=["no-new-privileges"],
             mem_limit=f"{limits.memory_mb}m",
@@ -405,50 +493,87 @@ class ContainerSandbox:
             detach=True,
         )
 
-    def _wait(self, container: Any, on_step: StepCallback) -> int:
+    def _wait(self, container: Any, on_step: StepCallback, input_bytes: int) -> int:
         deadline = time.monotonic() + self.limits.timeout_s
-        seen = 0
-        while True:
-            container.reload()
-            state = container.attrs.get("State", {})
-            seen = self._relay(container, on_step, seen)
-            if state.get("Status") in ("exited", "dead"):
-                return int(state.get("ExitCode", -1))
-            if time.monotonic() > deadline:
-                container.kill()
-                raise LimitExceeded(
-                    f"The conversion took longer than its {self.limits.timeout_s:.0f} s limit and "
-                    "was stopped. Raise MODELPORT_CONVERSION_TIMEOUT_S if the model really needs "
-                    "longer, or upload a smaller model.",
-                    code="timeout",
-                )
-            time.sleep(0.25)
+        follower = _LogFollower(container, self.limits.log_mb * _MB)
+        follower.start()
+        disk_checked = 0.0
+        try:
+            while True:
+                container.reload()
+                state = container.attrs.get("State", {})
+                follower.relay(on_step)
+                if state.get("Status") in ("exited", "dead"):
+                    follower.finish(on_step)
+                    return int(state.get("ExitCode", -1))
+                if follower.flooded:
+                    container.kill()
+                    raise LimitExceeded(
+                        f"The conversion wrote more than {self.limits.log_mb} MB of log and was "
+                        "stopped (MODELPORT_CONVERSION_LOG_MB).",
+                        code="log_too_large",
+                    )
+                if time.monotonic() - disk_checked >= _DISK_POLL_S:
+                    disk_checked = time.monotonic()
+                    self._check_disk(container, input_bytes)
+                if time.monotonic() > deadline:
+                    container.kill()
+                    raise LimitExceeded(
+                        f"The conversion took longer than its {self.limits.timeout_s:.0f} s limit "
+                        "and was stopped. Raise MODELPORT_CONVERSION_TIMEOUT_S if the model "
+                        "really needs longer, or upload a smaller model.",
+                        code="timeout",
+                    )
+                time.sleep(0.25)
+        finally:
+            follower.stop()
 
-    @staticmethod
-    def _relay(container: Any, on_step: StepCallback, seen: int) -> int:
-        text = container.logs(stdout=True, stderr=False).decode("utf-8", "replace")
-        events = [line for line in text.splitlines() if line.startswith(PROGRESS_MARK)]
-        for line in events[seen:]:
-            event = parse_progress(line)
-            if event is not None:
-                on_step(event)
-        return max(seen, len(events))
+    def _check_disk(self, container: Any, input_bytes: int) -> None:
+        """Stop the container once its writable layer holds more than input + allowance."""
+        listed = self.client.api.containers(all=True, size=True, filters={"id": container.id})
+        used = int(listed[0].get("SizeRw") or 0) - input_bytes if listed else 0
+        if used > self.limits.disk_mb * _MB:
+            container.kill()
+            raise LimitExceeded(
+                f"The conversion wrote more than {self.limits.disk_mb} MB of files and was "
+                "stopped (MODELPORT_CONVERSION_DISK_MB).",
+                code="disk_full",
+            )
 
     def _fetch(self, container: Any, out_dir: Path) -> None:
         from docker.errors import NotFound
 
+        # The archive endpoint by hand (docker's get_archive gives a generator that
+        # cannot close its connection): a stream given up half-read must be closed, or
+        # the engine keeps the container locked and the removal below waits for ever.
+        api = self.client.api
+        response = api._get(
+            api._url("/containers/{0}/archive", container.id),
+            params={"path": "/work/out"},
+            stream=True,
+        )
         try:
-            stream, _stat = container.get_archive("/work/out")
+            api._raise_for_status(response)
         except NotFound:
+            response.close()
             return
-        data = b"".join(stream)
-        _extract_outputs(data, out_dir)
+        try:
+            extract_flat_folder(
+                response.iter_content(_MB),
+                out_dir,
+                folder="out",
+                max_bytes=self.limits.disk_mb * _MB,
+                max_files=_MAX_OUTPUT_FILES,
+                name_pattern=_OUTPUT_NAME,
+            )
+        finally:
+            response.close()
 
-    def _raise_for(self, container: Any, code: int, request: ConversionRequest) -> None:
+    def _raise_for(self, container: Any, code: int, out_dir: Path) -> None:
         if code == 0:
             return
         state = container.attrs.get("State", {})
-        result_path = request.out_dir / RESULT_FILE
+        result_path = out_dir / RESULT_FILE
         result: dict[str, Any] | None = None
         if result_path.is_file():
             try:
@@ -481,58 +606,97 @@ def _sample_name(request: ConversionRequest) -> str:
     return "sample" + (suffix if suffix.replace(".", "").isalnum() else "")
 
 
-def _input_archive(request: ConversionRequest) -> bytes:
-    """A tar of in/ (the upload, the sample, options.json) and an empty out/, owned by the user."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as archive:
-        for folder in ("in", "out"):
-            info = tarfile.TarInfo(folder)
-            info.type, info.mode = tarfile.DIRTYPE, 0o755
-            info.uid = info.gid = 10001
-            archive.addfile(info)
-        files: list[tuple[str, bytes | Path]] = [
-            (f"in/{_source_name(request)}", request.source),
-            (f"in/{OPTIONS_FILE}", json.dumps(request.options.to_dict()).encode()),
-        ]
-        if request.sample_path is not None:
-            files.append((f"in/{_sample_name(request)}", request.sample_path))
-        if request.known_answer is not None:
-            files.append(("in/known_answer.npz", request.known_answer))
-        for name, content in files:
-            info = tarfile.TarInfo(name)
-            info.mode, info.uid, info.gid = 0o644, 10001, 10001
-            if isinstance(content, Path):
-                info.size = content.stat().st_size
-                with content.open("rb") as handle:
-                    archive.addfile(info, handle)
-            else:
-                info.size = len(content)
-                archive.addfile(info, io.BytesIO(content))
-    return buffer.getvalue()
+def _input_entries(request: ConversionRequest) -> list[TarEntry]:
+    """in/ (the upload, the sample, options.json) and an empty out/, streamed into /work."""
+    entries = [
+        TarEntry("in"),
+        TarEntry("out"),
+        TarEntry(f"in/{_source_name(request)}", request.source),
+        TarEntry(f"in/{OPTIONS_FILE}", json.dumps(request.options.to_dict()).encode()),
+    ]
+    if request.sample_path is not None:
+        entries.append(TarEntry(f"in/{_sample_name(request)}", request.sample_path))
+    if request.known_answer is not None:
+        entries.append(TarEntry("in/known_answer.npz", request.known_answer))
+    return entries
 
 
-def _extract_outputs(data: bytes, out_dir: Path) -> None:
-    """Take only plain files directly under out/ from the container's archive."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as archive:
-        count = 0
-        for member in archive:
-            parts = PurePosixPath(member.name).parts
-            if len(parts) != 2 or parts[0] != "out" or not member.isreg():
-                continue
-            name = parts[1]
-            if not _OUTPUT_NAME.match(name):
-                continue
-            count += 1
-            if count > _MAX_OUTPUT_FILES:
-                raise DeployerError(
-                    "The conversion container wrote too many files.", code="sandbox_failed"
-                )
-            source = archive.extractfile(member)
-            if source is None:
-                continue
-            with source, (out_dir / name).open("wb") as target:
-                shutil.copyfileobj(source, target)
+def _input_bytes(entries: list[TarEntry]) -> int:
+    total = 0
+    for entry in entries:
+        if isinstance(entry.source, Path):
+            total += entry.source.stat().st_size
+        elif entry.source is not None:
+            total += len(entry.source)
+    return total
+
+
+class _LogFollower:
+    """Reads the container's stdout once, as it comes, relaying progress lines, up to a cap.
+
+    One follow stream in a thread (not a re-read of the whole log each poll); the
+    events are handed to ``on_step`` on the caller's thread.
+    """
+
+    def __init__(self, container: Any, cap_bytes: int) -> None:
+        self._container = container
+        self._cap = cap_bytes
+        self._events: queue.SimpleQueue[StepEvent] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, daemon=True, name="converter-log")
+        self._stream: Any = None
+        self.read_bytes = 0
+        self.flooded = False
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _follow(self) -> None:
+        pending = b""
+        skipping = False
+        try:
+            self._stream = self._container.logs(stdout=True, stderr=False, stream=True, follow=True)
+            for chunk in self._stream:
+                self.read_bytes += len(chunk)
+                if self.read_bytes > self._cap:
+                    self.flooded = True
+                    return
+                if self._stop.is_set():
+                    return
+                *lines, pending = (pending + chunk).split(b"\n")
+                for line in lines:
+                    if skipping:
+                        skipping = False
+                        continue
+                    text = line.decode("utf-8", "replace")
+                    if text.startswith(PROGRESS_MARK):
+                        event = parse_progress(text)
+                        if event is not None:
+                            self._events.put(event)
+                if len(pending) > _MAX_LOG_LINE:
+                    # A line this long is no progress line: drop it up to its end.
+                    pending, skipping = b"", True
+        except Exception:  # the stream ends with the container, however it ends
+            return
+
+    def relay(self, on_step: StepCallback) -> None:
+        while True:
+            try:
+                event = self._events.get_nowait()
+            except queue.Empty:
+                return
+            on_step(event)
+
+    def finish(self, on_step: StepCallback) -> None:
+        """After the container exited: the stream ends by itself; relay what is left."""
+        self._thread.join(timeout=10)
+        self.relay(on_step)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._stream is not None:
+            with contextlib.suppress(Exception):
+                self._stream.close()
 
 
 def sweep_containers(client: Any, *, older_than_s: float = 3600) -> int:

@@ -14,16 +14,21 @@ from typing import Any
 
 import numpy as np
 
-from deployer.convert.formats import Format
+from deployer.convert.formats import Format, torch_install_command
 from deployer.errors import DeployerError, InvalidModel, InvalidSample
 from deployer.samples import Arrays
 from deployer.signature import V2_TO_NUMPY, Signature, TensorSpec
 
-TORCH_MISSING = (
-    "PyTorch uploads need PyTorch where the conversion runs, and it is not installed there. "
-    "Start a Docker engine so ModelPort converts in its own container, or install the torch "
-    "extra next to the worker (pip install 'modelport[torch]', which pins torch==2.13.0 CPU)."
-)
+
+def torch_missing() -> str:
+    """Why a PyTorch upload cannot be converted here, and the command that fixes it."""
+    return (
+        "PyTorch uploads need PyTorch where the conversion runs, and it is not installed there. "
+        "Start a Docker engine so ModelPort converts in its own container, or install the torch "
+        f"extra next to the worker: {torch_install_command()} (a CPU build of torch==2.13.0)."
+    )
+
+
 # numpy dtype names ("float32") -> V2 datatype.
 NUMPY_TO_V2 = {np.dtype(dtype).name: v2 for v2, dtype in V2_TO_NUMPY.items()}
 
@@ -38,7 +43,7 @@ def _torch() -> Any:
     try:
         import torch
     except ImportError:
-        raise ConversionUnavailable(TORCH_MISSING, code="torch_missing") from None
+        raise ConversionUnavailable(torch_missing(), code="torch_missing") from None
     return torch
 
 

@@ -117,3 +117,47 @@ def test_wrong_sample_names_the_input(tmp_path: Path) -> None:
             ValidationRequest(model_path=model, work_dir=tmp_path / "w", sample_path=sample)
         )
     assert error.value.code == "invalid_sample"
+
+
+def _reflect_pad_model(path: Path, pad: int) -> Path:
+    """Reflect padding by ``pad`` over a dynamic length: lengths up to ``pad`` fail."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    pads = np.array([0, 0, pad, 0, 0, pad], dtype=np.int64)
+    graph = helper.make_graph(
+        [helper.make_node("Pad", ["x", "pads"], ["y"], mode="reflect")],
+        "reflect",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2, "length"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2, "padded"])],
+        initializer=[numpy_helper.from_array(pads, "pads")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_generated_sample_tries_sizes_until_the_model_runs(tmp_path: Path) -> None:
+    from deployer.validate import sample_note
+
+    model = _reflect_pad_model(tmp_path / "pad.onnx", pad=20)  # 16 fails, 32 works
+    report = validate_onnx(ValidationRequest(model_path=model, work_dir=tmp_path / "w"))
+    generated = report.details["generated_sample"]
+    assert (generated["batch"], generated["free_dim_size"]) == (2, 32)
+    assert [a["size"] for a in generated["attempts"]] == [16, 32]
+    assert "Pad" in generated["attempts"][0]["error"]
+    assert report.details["sample_shapes"] == {"x": [2, 2, 32]}
+    note = sample_note(report.details)
+    assert note == "on a generated sample (x [2, 2, 32]); tried first, and failed: batch 2 x 16"
+    _inputs, outputs = load_known_answer(report.known_answer_path)
+    assert outputs["y"].shape == (2, 2, 72)
+
+
+def test_no_generated_size_fits_names_the_sizes_tried(tmp_path: Path) -> None:
+    model = _reflect_pad_model(tmp_path / "pad.onnx", pad=2000)
+    with pytest.raises(DeployerError) as error:
+        validate_onnx(ValidationRequest(model_path=model, work_dir=tmp_path / "w"))
+    assert error.value.code == "inference_failed"
+    assert "failed on every generated input tried (batch 2 x 16, batch 2 x 32" in str(error.value)
+    assert "Upload a sample input" in str(error.value)

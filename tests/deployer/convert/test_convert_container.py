@@ -106,27 +106,19 @@ def test_pytorch_and_sklearn_models_convert_in_the_container(
 def test_the_container_is_hardened(
     docker_engine: Any, converter_image: str, tmp_path: Path
 ) -> None:
-    (tmp_path / "m.pkl").write_bytes(b"x")
-    request = ConversionRequest(
-        source=tmp_path / "m.pkl",
-        format=Format.PICKLE,
-        out_dir=tmp_path / "out",
-        work_dir=tmp_path / "work",
-        serving_opset=21,
-    )
     sandbox = ContainerSandbox(
         docker_engine,
         converter_image,
         ContainerLimits(memory_mb=1024, cpus=0.5, pids=128, tmpfs_mb=256),
     )
-    container = sandbox._create(request)
+    container = sandbox._create(["--help"])
     try:
         container.reload()
         host = container.attrs["HostConfig"]
         config = container.attrs["Config"]
         assert config["User"] == "10001:10001"
         assert host["NetworkMode"] == "none"
-        assert host["ReadonlyRootfs"] is True
+        assert host["ReadonlyRootfs"] is False  # the layer is measured instead (SizeRw)
         assert host["CapDrop"] == ["ALL"]
         assert host["SecurityOpt"] == ["no-new-privileges"]
         assert host["Memory"] == 1024 * 1024 * 1024
@@ -135,7 +127,14 @@ def test_the_container_is_hardened(
         assert host["PidsLimit"] == 128
         assert "size=256m" in host["Tmpfs"]["/tmp"]
         assert not host.get("Binds")
-        assert [m["Type"] for m in container.attrs["Mounts"]] == ["volume"]
+        assert container.attrs["Mounts"] == []
+        assert host["Ulimits"] == [
+            {"Name": "fsize", "Soft": 8192 * 1024 * 1024, "Hard": 8192 * 1024 * 1024}
+        ]
+        assert host["LogConfig"] == {
+            "Type": "json-file",
+            "Config": {"max-size": "16m", "max-file": "1"},
+        }
         assert not host.get("Privileged")
     finally:
         container.remove(force=True, v=True)

@@ -9,6 +9,11 @@ runs the same job and is tested in test_convert_container.py.
 from __future__ import annotations
 
 import json
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -285,9 +290,27 @@ def test_without_torch_pytorch_uploads_say_how_to_enable_them(
     (shadow / "__init__.py").write_text("raise ImportError('torch is not installed')\n")
     monkeypatch.setenv("PYTHONPATH", f"{shadow.parent}:{REPO}")
     (tmp_path / "model.pt").write_bytes(b"PK\x05\x06" + b"\0" * 18)
-    with pytest.raises(DeployerError, match=r"pip install 'modelport\[torch\]'") as error:
+    with pytest.raises(DeployerError) as error:
         convert(tmp_path, tmp_path / "model.pt", fmt=Format.TORCHSCRIPT)
     assert error.value.code == "torch_missing"
+    # Before, it said pip install 'modelport[torch]': modelport is not on any index.
+    assert "'modelport[torch]'" not in error.value.message
+    command = re.search(r"extra next to the worker: (.+?) \(a CPU build", error.value.message)
+    assert command is not None, error.value.message
+    _assert_installs_the_torch_extra(command.group(1))
+
+
+def _assert_installs_the_torch_extra(command: str) -> None:
+    """The command runs this installation's pip on a source tree that has the extra."""
+    words = shlex.split(command)
+    assert words[1:5] == ["-m", "pip", "install", "-e"], words
+    assert Path(words[0]).samefile(sys.executable)
+    assert subprocess.run([words[0], "-m", "pip", "--version"], check=False).returncode == 0
+    target = words[5]
+    assert target.endswith("[torch]")
+    project = tomllib.loads((Path(target.removesuffix("[torch]")) / "pyproject.toml").read_text())
+    assert project["project"]["name"] == "modelport"
+    assert "torch" in project["project"]["optional-dependencies"]
 
 
 # ---------------------------------------------------------------- scikit-learn
