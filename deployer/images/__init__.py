@@ -15,8 +15,9 @@ The reusable API (also for other image kinds, e.g. a conversion sandbox):
 
 And ModelPort's own images: :func:`runtime_image_ensure` (the serving runtime,
 once per runtime version) and :func:`model_image_ensure` (runtime + one model as
-the last small layer, tagged by content). ``python -m deployer.images base``
-builds the local base image from the command line.
+the last small layer, tagged by content); :func:`model_images` and
+:func:`model_image_remove` list and safely remove this installation's model images.
+``python -m deployer.images base`` builds the local base image from the command line.
 
 Every name and tag passes :mod:`deployer.images.names`; user data enters an image
 only as files in its build context, never as Dockerfile text or a shell word.
@@ -42,6 +43,12 @@ from deployer.images.build import (
     image_build,
     image_get,
 )
+from deployer.images.cleanup import (
+    ImageRemoval,
+    ModelImageInfo,
+    model_image_remove,
+    model_images,
+)
 from deployer.images.model import ModelImageRequest, model_image_ensure, model_image_ref
 from deployer.images.names import InvalidImageName, check_labels, check_reference
 from deployer.images.runtime import (
@@ -60,8 +67,10 @@ __all__ = [
     "BuiltImage",
     "EngineUnavailable",
     "ImageConfig",
+    "ImageRemoval",
     "InvalidImageName",
     "LogSink",
+    "ModelImageInfo",
     "ModelImageRequest",
     "RuntimeImage",
     "WheelTarget",
@@ -79,6 +88,8 @@ __all__ = [
     "image_get",
     "model_image_ensure",
     "model_image_ref",
+    "model_image_remove",
+    "model_images",
     "runtime_image_ensure",
     "serving_requirements",
     "wheelhouse_ensure",

@@ -1,7 +1,7 @@
 """The base image every ModelPort image starts FROM.
 
-The base is a setting (default ``python:3.11-slim``). When the engine has it, or
-can pull it, it is used as is. Hosts with no registry (air-gapped sites, and our
+The base is a setting (default ``python:3.11-slim``). When the engine has it, it
+is used as is (ModelPort never pulls). Hosts without it (air-gapped sites, and our
 own CI) build an equivalent image from the distribution's packages instead:
 ``debootstrap`` of a minimal Debian with Python 3 into a temporary folder, then
 ``docker import``. The package mirror is read from the host's APT sources at run
@@ -32,6 +32,7 @@ from deployer.images.build import (
     no_log,
 )
 from deployer.images.names import check_reference, split_reference
+from deployer.units import format_bytes
 
 DEFAULT_BASE_IMAGE = "python:3.11-slim"
 DEFAULT_LOCAL_BASE_IMAGE = "modelport/base:bookworm-python3.11"
@@ -69,31 +70,25 @@ def base_image_ensure(
 ) -> str:
     """Make sure a base image exists and return its reference.
 
-    The configured image when the engine has it or can pull it; otherwise the local
+    The configured image when the engine has it (nothing is pulled); otherwise the local
     build (made now when missing and ``spec.build_locally`` allows it).
     """
-    from docker.errors import APIError, ImageNotFound
-
     check_reference(spec.image)
     check_reference(spec.local_image)
     client = client or docker_client()
     if image_get(client, spec.image) is not None:
         return spec.image
-    repository, tag = split_reference(spec.image)
-    try:
-        log(f"Pulling {spec.image}")
-        client.images.pull(repository, tag=tag or "latest")
-        return spec.image
-    except (APIError, ImageNotFound) as exc:
-        log(f"{spec.image} cannot be pulled here: {str(exc).splitlines()[0][:200]}")
+    # Never pulled: hosts without a registry answer a pull with an error after a wait, on
+    # every build. An operator who wants the configured image pulls it once (docker pull).
     with build_lock(lock_dir or Path(tempfile.gettempdir()), spec.local_image):
         if image_get(client, spec.local_image) is not None:
             log(f"Using the local base image {spec.local_image}")
             return spec.local_image
         if not spec.build_locally:
             raise BuildError(
-                f"The base image {spec.image} is not on this Docker engine and cannot be "
-                f"pulled, and building one locally is switched off. Run `manage.py "
+                f"The base image {spec.image} is not on this Docker engine (ModelPort does "
+                f"not pull it), and building one locally is switched off. Pull it with "
+                f"`docker pull {spec.image}` where a registry answers, or run `manage.py "
                 f"build_base_image` on the Docker host, or set MODELPORT_BASE_IMAGE to an "
                 "image the engine has."
             )
@@ -241,7 +236,7 @@ def _build_locked(
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     built = describe(client, ref, build_seconds=time.monotonic() - started, cached=False)
-    log(f"Built {ref} ({built.size_bytes / 1e6:.0f} MB) in {built.build_seconds:.0f} s")
+    log(f"Built {ref} ({format_bytes(built.size_bytes)}) in {built.build_seconds:.0f} s")
     return built
 
 

@@ -11,14 +11,15 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import re
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from deployer.errors import DeployerError
-from deployer.images.names import check_labels, check_reference
+from deployer.images.names import check_labels, check_reference, split_reference
 
 LogSink = Callable[[str], None]
 """Receives the build log line by line (without the trailing newline)."""
@@ -81,6 +82,8 @@ class BuiltImage:
     build_seconds: float
     cached: bool
     labels: dict[str, str] = field(default_factory=dict)
+    # Ids of the build stages this build left (untagged images the final one copied from).
+    stage_ids: tuple[str, ...] = ()
 
 
 def image_get(client: Any, ref: str) -> Any | None:
@@ -161,6 +164,7 @@ def image_build(
     started = time.monotonic()
     tail: list[str] = []
     image_id = ""
+    stages = _StageTracker()
     try:
         stream = client.api.build(
             path=str(context_dir),
@@ -187,6 +191,7 @@ def image_build(
                 if line:
                     tail.append(line)
                     del tail[:-50]
+                    stages.feed(line)
                     log(line)
     except BuildError:
         raise
@@ -196,9 +201,83 @@ def image_build(
         ) from exc
     if not image_id:
         raise BuildError(f"Building {ref} ended without an image.\n" + "\n".join(tail[-20:]))
-    return describe(
+    built = describe(
         client, ref, parent_ref=parent_ref, build_seconds=time.monotonic() - started, cached=False
     )
+    return replace(built, stage_ids=tuple(stages.finished))
+
+
+class _StageTracker:
+    """Finds, in the classic builder's log, the image each earlier stage ended with."""
+
+    _STEP = re.compile(r"^Step \d+/\d+ : FROM\b", re.IGNORECASE)
+    _RESULT = re.compile(r"^ ---> ([0-9a-f]{12,64})$")
+
+    def __init__(self) -> None:
+        self.last = ""
+        self.finished: list[str] = []
+        self.started = False
+
+    def feed(self, line: str) -> None:
+        if self._STEP.match(line):
+            if self.started and self.last:
+                self.finished.append(self.last)
+            self.started, self.last = True, ""
+            return
+        found = self._RESULT.match(line)
+        if found:
+            self.last = found.group(1)
+
+
+def checkout_label() -> str:
+    """Names the source tree this engine code runs from: a build replaces only images made
+    from the same tree (two checkouts on one engine keep their own)."""
+    import deployer
+
+    root = str(Path(deployer.__file__).resolve().parent)
+    return hashlib.sha256(root.encode()).hexdigest()[:16]
+
+
+def image_replace(
+    client: Any, built: BuiltImage, *, same: dict[str, str], log: LogSink = no_log
+) -> list[str]:
+    """After a successful build: remove the build stages it left, and the images it
+    supersedes (same repository and the same ``same`` labels, another tag).
+
+    An image a container still uses, or that other images are built on, stays (the
+    engine refuses to remove it; that is said in the log). Returns what was removed.
+    """
+    from docker.errors import APIError, ImageNotFound
+
+    removed: list[str] = []
+    for stage in built.stage_ids:
+        try:
+            image = client.images.get(stage)
+            if image.tags:
+                continue
+            client.images.remove(stage, noprune=False)
+            removed.append(stage)
+        except ImageNotFound:
+            continue
+        except APIError as exc:
+            log(f"Kept build stage {stage}: {_first_line(exc)}")
+    repository = split_reference(built.ref)[0]
+    filters = {"label": [f"{k}={v}" for k, v in same.items()]}
+    for image in client.images.list(name=repository, filters=filters):
+        if str(image.id) == built.image_id:
+            continue
+        for tag in image.tags:
+            if split_reference(tag)[0] != repository:
+                continue
+            try:
+                client.images.remove(tag, noprune=False)
+                removed.append(tag)
+                log(f"Removed {tag}, superseded by {built.ref}")
+            except ImageNotFound:
+                continue
+            except APIError as exc:
+                log(f"Kept {tag} (superseded by {built.ref}): {_first_line(exc)}")
+    return removed
 
 
 def _first_line(exc: BaseException) -> str:

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deployer.convert.external_data import external_data_check
+from deployer.errors import InvalidModel
 from deployer.images.build import (
     BUILD_TIMEOUT_S,
     BuildError,
@@ -33,6 +35,7 @@ from deployer.images.build import (
 )
 from deployer.images.names import LABEL_PREFIX, check_labels, reference
 from deployer.images.runtime import SERVING_PORTS, ImageConfig, RuntimeImage
+from deployer.units import format_bytes
 
 MODEL_DIR = "/model"
 DOCKERFILE = """\
@@ -68,9 +71,14 @@ class ModelImageRequest:
     runtime: RuntimeImage
     labels: dict[str, str] = field(default_factory=dict)
     serving: dict[str, object] = field(default_factory=dict)
+    # The version's recorded sample (its known answer), baked in to warm up with.
+    warmup_sample: Path | None = None
 
 
-def serving_config(device: str, serving: dict[str, object]) -> bytes:
+WARMUP_FILE = "warmup.npz"
+
+
+def serving_config(device: str, serving: dict[str, object], *, warmup: bool = False) -> bytes:
     """The ``config.json`` baked into a model image (model name and version come at start)."""
     unknown = set(serving) - SERVING_KEYS
     if unknown:
@@ -82,27 +90,22 @@ def serving_config(device: str, serving: dict[str, object]) -> bytes:
         "grpc_port": SERVING_PORTS["grpc"],
         "metrics_port": SERVING_PORTS["metrics"],
         "device": device,
+        **({"warmup_sample": f"{MODEL_DIR}/{WARMUP_FILE}"} if warmup else {}),
         **serving,
     }
     return json.dumps(config, sort_keys=True, indent=1).encode() + b"\n"
 
 
 def external_data_files(model_path: Path) -> list[str]:
-    """The external data files the model names, relative to its folder (validation has
-    already refused any that would leave it)."""
+    """The external data files the model names (every tensor, wherever it hides), relative
+    to its folder; ``BuildError`` for one that would leave the folder or is missing."""
     import onnx
-    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
     proto = onnx.load(str(model_path), load_external_data=False)
-    locations = {
-        ExternalDataInfo(tensor).location
-        for tensor in proto.graph.initializer
-        if uses_external_data(tensor)
-    }
-    for location in locations:
-        if Path(location).is_absolute() or ".." in Path(location).parts:
-            raise BuildError(f"External data {location!r} lies outside the model's folder.")
-    return sorted(locations)
+    try:
+        return external_data_check(proto, model_path.parent)
+    except InvalidModel as exc:
+        raise BuildError(exc.message) from exc
 
 
 def _external_digest(model_path: Path, locations: list[str]) -> str:
@@ -127,7 +130,10 @@ def model_image_ref(config: ImageConfig, request: ModelImageRequest) -> str:
         locations = external_data_files(request.model_path)
         if locations:
             content.update(_external_digest(request.model_path, locations).encode())
-    content.update(serving_config(request.runtime.device, request.serving))
+    warmup = request.warmup_sample
+    content.update(serving_config(request.runtime.device, request.serving, warmup=bool(warmup)))
+    if warmup is not None:
+        content.update(hashlib.sha256(warmup.read_bytes()).hexdigest().encode())
     content.update(request.runtime.version.encode())
     tag = f"{request.model_sha256[:16]}-{request.runtime.device}-{content.hexdigest()[:16]}"
     return reference(config.repo("model"), tag)
@@ -170,9 +176,13 @@ def model_image_ensure(
                 target.parent.mkdir(parents=True, exist_ok=True)
                 _link_or_copy(request.model_path.parent / location, target)
                 copied.append(target)
+            warmup = request.warmup_sample
             (folder / "config.json").write_bytes(
-                serving_config(request.runtime.device, request.serving)
+                serving_config(request.runtime.device, request.serving, warmup=bool(warmup))
             )
+            if warmup is not None:
+                _link_or_copy(warmup, folder / WARMUP_FILE)
+                copied.append(folder / WARMUP_FILE)
             folders = {p.parent for p in copied if p.parent != folder}
             for path in (folder, *folders, *copied, folder / "config.json"):
                 # Readable by the runtime's user, writable by nobody in the container.
@@ -187,8 +197,8 @@ def model_image_ensure(
                 parent_ref=request.runtime.ref,
             )
     log(
-        f"Built {ref}: model layer {built.own_layer_bytes / 1e6:.2f} MB, image "
-        f"{built.size_bytes / 1e6:.0f} MB, in {built.build_seconds:.1f} s"
+        f"Built {ref}: model layer {format_bytes(built.own_layer_bytes)}, image "
+        f"{format_bytes(built.size_bytes)}, in {built.build_seconds:.1f} s"
     )
     return built
 

@@ -28,9 +28,11 @@ from deployer.images.build import (
     BuiltImage,
     LogSink,
     build_lock,
+    checkout_label,
     describe,
     docker_client,
     image_get,
+    image_replace,
     no_log,
 )
 from deployer.images.names import LABEL_PREFIX, check_repository, reference
@@ -43,7 +45,15 @@ from deployer.images.wheelhouse import (
 
 DEVICES = ("cpu", "gpu")
 # What deployer/serving imports (its README keeps this list short).
-SERVING_DISTRIBUTIONS = ("numpy", "httptools", "uvloop", "grpcio", "protobuf", "prometheus-client")
+SERVING_DISTRIBUTIONS = (
+    "numpy",
+    "httptools",
+    "uvloop",
+    "grpcio",
+    "protobuf",
+    "prometheus-client",
+    "hyperframe",
+)
 RUNTIME_UID = 10001
 SERVING_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 
@@ -238,8 +248,20 @@ def runtime_image_ensure(
             labels={
                 f"{LABEL_PREFIX}runtime-version": runtime,
                 f"{LABEL_PREFIX}device": device,
+                f"{LABEL_PREFIX}checkout": checkout_label(),
             },
             log=log,
             client=client,
+        )
+        # The runtime it supersedes goes unless model images are built on it (rollbacks).
+        image_replace(
+            client,
+            built,
+            same={
+                f"{LABEL_PREFIX}kind": "runtime",
+                f"{LABEL_PREFIX}device": device,
+                f"{LABEL_PREFIX}checkout": checkout_label(),
+            },
+            log=log,
         )
         return RuntimeImage(ref, runtime, device, base_ref, built)

@@ -33,6 +33,7 @@ from deployer.images.build import (
     no_log,
 )
 from deployer.images.names import LABEL_PREFIX
+from deployer.units import format_bytes
 
 MANIFEST = "manifest.json"
 # manylinux tags the base images' glibc (Debian bookworm: 2.36) can load.
@@ -139,7 +140,7 @@ def wheelhouse_ensure(
         house = _load(final, reqs, key)
         assert house is not None
         total = sum((final / name).stat().st_size for name, _ in house.files)
-        log(f"Wheelhouse {key}: {len(house.files)} wheels, {total / 1e6:.0f} MB")
+        log(f"Wheelhouse {key}: {len(house.files)} wheels, {format_bytes(total)}")
         return house
 
 
@@ -252,7 +253,7 @@ def python_app_image_build(
             parent_ref=base_ref,
         )
     log(
-        f"Built {ref}: {built.size_bytes / 1e6:.0f} MB, {built.own_layer_bytes / 1e6:.0f} MB "
+        f"Built {ref}: {format_bytes(built.size_bytes)}, {format_bytes(built.own_layer_bytes)} "
         f"above the base, in {built.build_seconds:.1f} s"
     )
     return built

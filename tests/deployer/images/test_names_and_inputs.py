@@ -126,6 +126,24 @@ def test_model_tag_is_content_addressed(tmp_path: Path) -> None:
         model_image_ref(config, ModelImageRequest(tmp_path / "m", "$(id)", runtime))
 
 
+def test_the_warm_up_sample_is_part_of_the_model_image_content(tmp_path: Path) -> None:
+    from deployer.images.build import BuiltImage
+
+    built = BuiltImage("modelport/runtime:x", "sha256:1", 1, 1, 0.0, True)
+    runtime = RuntimeImage("modelport/runtime:x", "f" * 64, "cpu", "base:1", built)
+    config = ImageConfig(cache_dir=tmp_path)
+    first, second = tmp_path / "a.npz", tmp_path / "b.npz"
+    first.write_bytes(b"one sample")
+    second.write_bytes(b"another sample")
+    bare = ModelImageRequest(tmp_path / "m.onnx", "a" * 64, runtime)
+    with_first = ModelImageRequest(tmp_path / "m.onnx", "a" * 64, runtime, warmup_sample=first)
+    with_second = ModelImageRequest(tmp_path / "m.onnx", "a" * 64, runtime, warmup_sample=second)
+    refs = {model_image_ref(config, r) for r in (bare, with_first, with_second)}
+    assert len(refs) == 3
+    assert b'"warmup_sample": "/model/warmup.npz"' in serving_config("cpu", {}, warmup=True)
+    assert b"warmup_sample" not in serving_config("cpu", {})
+
+
 def test_serving_config_refuses_unknown_settings() -> None:
     assert b'"model": "/model/model.onnx"' in serving_config("cpu", {"max_batch_size": 8})
     with pytest.raises(BuildError, match="not allowed"):
