@@ -17,6 +17,7 @@ from rest_framework.request import Request
 from portal.accounts.choices import Role
 from portal.accounts.models import ApiToken, Membership, Team
 from portal.accounts.selectors import memberships_for_user
+from portal.core.api import ApiError
 
 TEAM_HEADER = "HTTP_X_MODELPORT_TEAM"
 
@@ -66,8 +67,9 @@ class Access:
 def api_access(request: Request) -> Access:
     """The caller's access for an API request.
 
-    A token works only in its own team. A browser session picks the team from the
-    ``X-ModelPort-Team`` header or ``?team=``, else its first team.
+    A token works only in its own team. A browser session names the team with the
+    ``X-ModelPort-Team`` header or ``?team=``; a user of several teams who names none
+    gets 400 ``team_required``, never an answer from whichever team comes first.
     """
     if isinstance(request.auth, ApiToken):
         membership = (
@@ -82,6 +84,12 @@ def api_access(request: Request) -> Access:
     memberships = memberships_for_user(user=request.user)
     if wanted:
         memberships = [m for m in memberships if m.team.slug == wanted]
+    elif len(memberships) > 1:
+        raise ApiError(
+            "You are a member of several teams: name the team with the X-ModelPort-Team "
+            f"header (or ?team=): one of {', '.join(m.team.slug for m in memberships)}.",
+            code="team_required",
+        )
     if not memberships:
         raise exceptions.NotFound(
             "No team found. Ask a team admin to add you, or check the team name."

@@ -49,6 +49,12 @@ class ApiTokenAuthentication(authentication.BaseAuthentication):
                 "The token's user is no longer a member of its team.", code="invalid_token"
             )
         now = timezone.now()
+        if token.expires_at is not None and token.expires_at <= now:
+            raise exceptions.AuthenticationFailed(
+                f"The token expired at {token.expires_at:%Y-%m-%d %H:%M} UTC. Create a new one "
+                "on the API tokens page.",
+                code="token_expired",
+            )
         if token.last_used_at is None or now - token.last_used_at > _TOUCH_EVERY:
             ApiToken.objects.filter(pk=token.pk).update(last_used_at=now)
         return token.user, token

@@ -1,4 +1,4 @@
-"""API token format and hashing. Tokens are shown once and stored only as SHA-256."""
+"""API token and inference key formats and hashing: shown once, stored only as SHA-256."""
 
 from __future__ import annotations
 
@@ -16,3 +16,12 @@ def token_generate() -> tuple[str, str, str]:
 
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+INFERENCE_KEY_PREFIX = "mpk_"
+
+
+def inference_key_generate() -> tuple[str, str, str]:
+    """A new inference key: (the key itself, its display prefix, its SHA-256)."""
+    key = INFERENCE_KEY_PREFIX + secrets.token_urlsafe(32)
+    return key, key[:12], token_hash(key)

@@ -78,6 +78,53 @@ CASES: list[tuple[str, Call, dict[str, int]]] = [
      {"alice": 202, "bob": 403, "vera": 403, "charlie": 404}),
 ]  # fmt: skip
 
+# ---------------------------------------------------------------- issue 12: version deletion
+# v2 has never served, so an admin may delete it; v1 serves, so even an admin is refused.
+CASES += [
+    ("delete version", lambda c, w, who: c.delete("/api/v1/models/demo/versions/2/"),
+     {"alice": 204, "bob": 403, "vera": 403, "charlie": 404}),
+    ("delete serving version", lambda c, w, who: c.delete("/api/v1/models/demo/versions/1/"),
+     {"alice": 409, "bob": 403, "vera": 403, "charlie": 404}),
+]  # fmt: skip
+# ---------------------------------------------------------------- end of issue 12 block
+
+
+# ---------------------------------------------------------------- inference keys (issue 11)
+# Rows for inference keys and the public flag. Members create and revoke keys, viewers
+# see them, only admins open a deployment to calls without a key.
+
+
+def _acme_key_id(name: str = "matrix") -> int:
+    from portal.accounts.models import InferenceKey, Team
+    from portal.accounts.services import key_create
+
+    team = Team.objects.get(slug="acme")
+    key = InferenceKey.objects.filter(team=team, name=name).first()
+    if key is None:
+        key, _ = key_create(team=team, user=team.memberships.get(role="admin").user, name=name)
+    return key.pk
+
+
+KEY_CASES: list[tuple[str, Call, dict[str, int]]] = [
+    ("list keys", lambda c, w, who: c.get("/api/v1/keys/"),
+     {"alice": 200, "bob": 200, "vera": 200, "charlie": 200}),
+    ("create key", lambda c, w, who: c.post(
+        "/api/v1/keys/", {"name": f"k-{who}"}, format="json"),
+     {"alice": 201, "bob": 201, "vera": 403, "charlie": 201}),
+    ("create deployment key", lambda c, w, who: c.post(
+        "/api/v1/keys/", {"name": f"d-{who}", "deployment": w.deployment_id}, format="json"),
+     {"alice": 201, "bob": 201, "vera": 403, "charlie": 404}),
+    ("read key", lambda c, w, who: c.get(f"/api/v1/keys/{_acme_key_id()}/"),
+     {"alice": 200, "bob": 200, "vera": 200, "charlie": 404}),
+    ("revoke key", lambda c, w, who: c.delete(f"/api/v1/keys/{_acme_key_id()}/"),
+     {"alice": 200, "bob": 200, "vera": 403, "charlie": 404}),
+    ("make public", lambda c, w, who: c.patch(
+        f"/api/v1/deployments/{w.deployment_id}/", {"public": True}, format="json"),
+     {"alice": 200, "bob": 403, "vera": 403, "charlie": 404}),
+]  # fmt: skip
+CASES.extend(KEY_CASES)
+# ---------------------------------------------------------------- end of inference keys
+
 
 @pytest.mark.parametrize(("action", "call", "expected"), CASES, ids=[c[0] for c in CASES])
 def test_permission_matrix(
@@ -206,6 +253,65 @@ PAGE_CASES: list[tuple[str, Call, dict[str, int]]] = [
     ("tokens page", lambda c, w, who: c.get("/accounts/tokens/"),
      {"alice": 200, "bob": 200, "vera": 200, "charlie": 200}),
 ]  # fmt: skip
+
+# ---------------------------------------------------------------- issue 12: the Team page
+
+
+def _team_member(w: World, username: str) -> int:
+    """The id of ``username``'s membership in acme (created as a viewer when missing)."""
+    from django.contrib.auth.models import User
+
+    from portal.accounts.models import Membership
+
+    user, _ = User.objects.get_or_create(username=username)
+    membership, _ = Membership.objects.get_or_create(
+        team=w.model.team, user=user, defaults={"role": "viewer"}
+    )
+    return membership.pk
+
+
+def _stranger() -> str:
+    """A user in no team yet, whom an admin may add to theirs."""
+    from django.contrib.auth.models import User
+
+    User.objects.get_or_create(username="dana")
+    return "dana"
+
+
+# charlie is globex's admin: he may manage his own team, never acme's memberships.
+PAGE_CASES += [
+    ("team page", lambda c, w, who: c.get("/accounts/members/"),
+     {"alice": 200, "bob": 200, "vera": 200, "charlie": 200}),
+    ("add member", lambda c, w, who: c.post(
+        "/accounts/members/", {"identifier": _stranger(), "role": "viewer"}),
+     {"alice": 302, "bob": 403, "vera": 403, "charlie": 302}),
+    ("set role", lambda c, w, who: c.post(
+        f"/accounts/members/{_team_member(w, 'erin')}/role", {"role": "member"}),
+     {"alice": 302, "bob": 403, "vera": 403, "charlie": 404}),
+    ("remove member", lambda c, w, who: c.post(
+        f"/accounts/members/{_team_member(w, 'erin')}/remove"),
+     {"alice": 302, "bob": 403, "vera": 403, "charlie": 404}),
+    ("invitation link", lambda c, w, who: c.post("/accounts/members/invite", {"role": "viewer"}),
+     {"alice": 302, "bob": 403, "vera": 403, "charlie": 302}),
+]  # fmt: skip
+# ---------------------------------------------------------------- end of issue 12 block
+
+
+# ---------------------------------------------------------------- inference keys pages (issue 11)
+KEY_PAGE_CASES: list[tuple[str, Call, dict[str, int]]] = [
+    ("keys page", lambda c, w, who: c.get("/accounts/keys/"),
+     {"alice": 200, "bob": 200, "vera": 200, "charlie": 200}),
+    ("create key form", lambda c, w, who: c.post("/accounts/keys/", {"name": f"p-{who}"}),
+     {"alice": 200, "bob": 200, "vera": 403, "charlie": 200}),
+    ("revoke key button", lambda c, w, who: c.post(
+        f"/accounts/keys/{_acme_key_id('page')}/revoke"),
+     {"alice": 302, "bob": 302, "vera": 403, "charlie": 404}),
+    ("public button", lambda c, w, who: c.post(
+        f"/deployments/{w.deployment_id}/public", {"public": "true"}),
+     {"alice": 302, "bob": 403, "vera": 403, "charlie": 404}),
+]  # fmt: skip
+PAGE_CASES.extend(KEY_PAGE_CASES)
+# ---------------------------------------------------------------- end of inference keys pages
 
 
 @pytest.mark.parametrize(("action", "call", "expected"), PAGE_CASES, ids=[c[0] for c in PAGE_CASES])
