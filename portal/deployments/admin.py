@@ -14,7 +14,7 @@ from rest_framework.exceptions import APIException
 
 from portal.deployments import services
 from portal.deployments.choices import DeploymentStatus
-from portal.deployments.models import Deployment, Revision
+from portal.deployments.models import AsyncCallbackSecret, BatchJob, Deployment, Replica, Revision
 from portal.registry.choices import VersionStatus
 from portal.registry.models import ModelVersion
 
@@ -135,3 +135,35 @@ class RevisionAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
+
+
+class _ReadOnlyAdmin(admin.ModelAdmin):
+    """Rows the engine and the portal's services write; the admin only shows them."""
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(Replica)
+class ReplicaAdmin(_ReadOnlyAdmin):
+    list_display = ("deployment", "revision", "slot", "state", "restarts", "started_at", "ended_at")
+    list_filter = ("state",)
+    search_fields = ("deployment__name", "handle", "cause")
+
+
+@admin.register(BatchJob)
+class BatchJobAdmin(_ReadOnlyAdmin):
+    list_display = ("pk", "version", "status", "input_name", "input_format", "rows_per_s")
+    list_filter = ("status", "input_format")
+    search_fields = ("input_name", "version__model__name")
+
+
+@admin.register(AsyncCallbackSecret)
+class AsyncCallbackSecretAdmin(_ReadOnlyAdmin):
+    # The secret itself is never shown here: team admins read and rotate it in the API.
+    list_display = ("team", "created_at", "rotated_at")
+    fields = ("team", "created_at", "rotated_at")
+    readonly_fields = fields

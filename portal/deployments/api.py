@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.conf import settings
+from django.core.handlers.asgi import ASGIRequest
 from django.http import HttpResponseBase, StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
@@ -16,10 +17,11 @@ from rest_framework.views import APIView
 from portal.accounts.access import api_access
 from portal.accounts.choices import Role
 from portal.core.idempotency import IDEMPOTENCY_PARAMETER, idempotent
-from portal.deployments import selectors, services
+from portal.deployments import replicas, selectors, services
 from portal.deployments.models import Deployment, Revision
 from portal.deployments.serializers import (
     DeploymentSerializer,
+    DeploymentUpdateSerializer,
     DeployRequestSerializer,
     DeployResponseSerializer,
     LogsSerializer,
@@ -64,6 +66,8 @@ class DeployView(APIView):
             device=fields["device"],
             cpus=fields.get("cpus"),
             memory_mb=fields.get("memory_mb"),
+            min_replicas=fields.get("min_replicas"),
+            max_replicas=fields.get("max_replicas"),
             user=access.user,
         )
         return _accepted(revision.pk, revision.deployment_id)
@@ -85,13 +89,39 @@ class DeploymentListView(APIView):
 
 
 class DeploymentDetailView(APIView):
-    """One deployment; DELETE stops it and removes it."""
+    """One deployment; PATCH sets ``public`` or the replica range; DELETE stops and removes it."""
 
     @extend_schema(responses=DeploymentSerializer)
     def get(self, request: Request, deployment_id: int) -> Response:
         deployment = selectors.deployment_get(
             team=api_access(request).team, deployment_id=deployment_id
         )
+        return Response(DeploymentSerializer(deployment).data)
+
+    @extend_schema(request=DeploymentUpdateSerializer, responses=DeploymentSerializer)
+    def patch(self, request: Request, deployment_id: int) -> Response:
+        """Make the deployment public or private (team admins), or change its replica
+        range (members)."""
+        access = api_access(request)
+        deployment = selectors.deployment_get(team=access.team, deployment_id=deployment_id)
+        data = DeploymentUpdateSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        fields = data.validated_data
+        if "public" in fields:
+            access.require(Role.ADMIN, "make deployments public or private")
+        if "min_replicas" in fields or "max_replicas" in fields:
+            access.require(Role.MEMBER, "change the replicas of deployments")
+            replicas.deployment_scale(
+                deployment=deployment,
+                min_replicas=fields.get("min_replicas"),
+                max_replicas=fields.get("max_replicas"),
+                user=access.user,
+            )
+        if "public" in fields:
+            services.deployment_public_set(
+                deployment=deployment, public=fields["public"], user=access.user
+            )
+        deployment.refresh_from_db()
         return Response(DeploymentSerializer(deployment).data)
 
     @extend_schema(responses={202: DeploymentSerializer}, parameters=[IDEMPOTENCY_PARAMETER])
@@ -174,8 +204,15 @@ class DeploymentLogsView(APIView):
         if request.query_params.get("follow", "").lower() in ("1", "true", "yes"):
             limit = settings.MODELPORT_LOG_FOLLOW_MAX_S
             seconds = _int_param(request, "seconds", limit, 1, limit)
+            # Under ASGI (the web server) the stream waits on the event loop and holds no
+            # thread; under WSGI (tests, runserver) it holds its thread, as WSGI must.
+            stream = (
+                selectors.deployment_log_stream_async
+                if isinstance(request._request, ASGIRequest)
+                else selectors.deployment_log_stream
+            )
             response = StreamingHttpResponse(
-                selectors.deployment_log_stream(deployment=deployment, tail=tail, seconds=seconds),
+                stream(deployment=deployment, tail=tail, seconds=seconds),
                 content_type="text/plain; charset=utf-8",
             )
             response["Cache-Control"] = "no-cache"

@@ -5,11 +5,34 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from portal.deployments.async_inference import deployment_async_queue
 from portal.deployments.choices import Device
-from portal.deployments.models import Deployment, Revision
+from portal.deployments.models import MAX_REPLICAS, Deployment, Replica, Revision
+from portal.deployments.selectors import replica_list
 from portal.registry.models import NAME_RE
+
+
+class AsyncQueueSerializer(serializers.Serializer[Any]):
+    depth = serializers.IntegerField()
+    oldest_age_s = serializers.FloatField(allow_null=True)
+    results = serializers.IntegerField()
+    callbacks_pending = serializers.IntegerField()
+
+
+class ReplicaSerializer(serializers.ModelSerializer[Replica]):
+    address = serializers.CharField(source="internal_url", read_only=True)
+    grpc_address = serializers.CharField(source="internal_grpc", read_only=True)
+    version = serializers.IntegerField(source="revision.version.number", read_only=True)
+
+    class Meta:
+        model = Replica
+        fields = [
+            "id", "slot", "state", "version", "address", "grpc_address", "started_at",
+            "ready_at", "ended_at", "restarts", "cause", "rate_per_s", "p99_ms", "metrics_at",
+        ]  # fmt: skip
 
 
 class DeploymentSerializer(serializers.ModelSerializer[Deployment]):
@@ -17,13 +40,34 @@ class DeploymentSerializer(serializers.ModelSerializer[Deployment]):
     current_version = serializers.IntegerField(
         source="current_revision.version.number", default=None, read_only=True, allow_null=True
     )
+    async_queue = serializers.SerializerMethodField(
+        help_text="Async requests waiting or running, the oldest one's age, answers kept."
+    )
+    replicas = serializers.SerializerMethodField()
 
     class Meta:
         model = Deployment
         fields = [
             "id", "model", "name", "status", "device", "cpus", "memory_mb", "endpoint_url",
-            "current_version", "error", "created_at", "updated_at",
+            "grpc_address", "public", "min_replicas", "max_replicas", "replicas",
+            "current_version", "error", "created_at", "updated_at", "async_queue",
         ]  # fmt: skip
+
+    @extend_schema_field(ReplicaSerializer(many=True))
+    def get_replicas(self, deployment: Deployment) -> list[dict[str, Any]]:
+        """The live revision's replicas: those serving or starting, then the last ended."""
+        rows = replica_list(deployment=deployment)
+        return list(ReplicaSerializer(rows, many=True).data)
+
+    @extend_schema_field(AsyncQueueSerializer)
+    def get_async_queue(self, deployment: Deployment) -> dict[str, Any]:
+        stats = deployment_async_queue(deployment=deployment)
+        return {
+            "depth": stats.depth,
+            "oldest_age_s": None if stats.oldest_age_s is None else round(stats.oldest_age_s, 3),
+            "results": stats.results,
+            "callbacks_pending": stats.callbacks_pending,
+        }
 
 
 class RevisionSerializer(serializers.ModelSerializer[Revision]):
@@ -51,6 +95,27 @@ class DeployRequestSerializer(serializers.Serializer[Any]):
         required=False,
     )
     memory_mb = serializers.IntegerField(min_value=128, max_value=262144, required=False)
+    min_replicas = serializers.IntegerField(
+        min_value=1, max_value=MAX_REPLICAS, required=False, help_text="instances that serve"
+    )
+    max_replicas = serializers.IntegerField(
+        min_value=1, max_value=MAX_REPLICAS, required=False, help_text="upper bound"
+    )
+
+
+class DeploymentUpdateSerializer(serializers.Serializer[Any]):
+    public = serializers.BooleanField(
+        required=False, help_text="true: calls need no inference key."
+    )
+    min_replicas = serializers.IntegerField(min_value=1, max_value=MAX_REPLICAS, required=False)
+    max_replicas = serializers.IntegerField(min_value=1, max_value=MAX_REPLICAS, required=False)
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if not attrs:
+            raise serializers.ValidationError(
+                "Give at least one of public, min_replicas, max_replicas."
+            )
+        return attrs
 
 
 class DeployResponseSerializer(serializers.Serializer[Any]):

@@ -9,30 +9,54 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from django.conf import settings
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.db.models import F, Q
 from django.db.models.functions import Now
 from django.utils import timezone
 
-from deployer.checks import check_known_answer, wait_until_ready
 from deployer.errors import DeployerError, LaunchError, TrackingError
 from deployer.images.build import image_get
-from deployer.proxy import ProxyError, Route, route_prefix
-from deployer.runtimes.base import InstanceState, LaunchSpec, Runtime
+from deployer.proxy import ProxyError, Route
+from deployer.runtimes.base import (
+    HandsOverAddress,
+    InstanceState,
+    LaunchResult,
+    Runtime,
+)
 from deployer.runtimes.docker import DockerRuntime
 from deployer.tracking import set_alias
 from portal.core import engine
 from portal.core.api import ApiError, Conflict
 from portal.core.choices import EventLevel
 from portal.core.services import StepTimer, event_record
+from portal.deployments.async_inference import deployment_spool_remove
 from portal.deployments.choices import (
+    ACTIVE_REPLICA_STATES,
+    SERVING_DEPLOYMENT_STATUSES,
     WORKING_REVISION_STATUSES,
     DeploymentStatus,
     Device,
+    ReplicaState,
     RevisionKind,
     RevisionStatus,
 )
-from portal.deployments.models import Deployment, Revision
+from portal.deployments.inference_keys import (
+    all_keys_write,
+    deployment_keys_remove,
+    deployment_keys_write,
+    keys_last_used_record,
+)
+from portal.deployments.models import Deployment, Replica, Revision
+from portal.deployments.replicas import (
+    Started,
+    replica_exited,
+    replica_mark_ready,
+    replica_prove,
+    replica_start,
+    replicas_check,
+    replicas_stop,
+    route_for,
+)
 from portal.registry.models import ModelVersion
 
 if TYPE_CHECKING:
@@ -80,8 +104,11 @@ def deployment_deploy(
     device: str = Device.CPU,
     cpus: Decimal | None = None,
     memory_mb: int | None = None,
+    min_replicas: int | None = None,
+    max_replicas: int | None = None,
 ) -> Revision:
-    """Roll ``version`` out to the deployment ``name`` of its model (created on first use)."""
+    """Roll ``version`` out to the deployment ``name`` of its model (created on first use),
+    with ``min_replicas`` instances (kept from before when not given; 1 at first)."""
     if not version.is_ready:
         raise Conflict(
             f"Version {version.number} is {version.get_status_display().lower()}; it can be "
@@ -90,6 +117,10 @@ def deployment_deploy(
         )
     if device == Device.GPU and (reason := gpu_unavailable_reason()):
         raise ApiError(reason, code="gpu_unavailable")
+    if min_replicas is not None and max_replicas is None:
+        max_replicas = max(min_replicas, 1)
+    if min_replicas is not None or max_replicas is not None:
+        replicas_check(min_replicas or 1, max_replicas or 1)
     with transaction.atomic():
         deployment, created = Deployment.objects.select_for_update().get_or_create(
             model=version.model,
@@ -100,6 +131,8 @@ def deployment_deploy(
                 "cpus": cpus or Decimal(1),
                 "memory_mb": memory_mb or 1024,
                 "pids_limit": settings.MODELPORT_CONTAINER_PIDS_LIMIT,
+                "min_replicas": min_replicas or 1,
+                "max_replicas": max_replicas or 1,
             },
         )
         if not created:
@@ -108,6 +141,10 @@ def deployment_deploy(
                 deployment.cpus = cpus
             if memory_mb is not None:
                 deployment.memory_mb = memory_mb
+            if min_replicas is not None:
+                deployment.min_replicas = min_replicas
+            if max_replicas is not None:
+                deployment.max_replicas = max_replicas
         return _start_revision(
             deployment=deployment, version=version, user=user, kind=RevisionKind.DEPLOY
         )
@@ -127,7 +164,7 @@ def deployment_rollback(
         if (
             current is not None
             and current.version_id == to_version.pk
-            and locked.status == (DeploymentStatus.RUNNING)
+            and locked.status in SERVING_DEPLOYMENT_STATUSES
         ):
             raise Conflict(
                 f"{locked.name} is already serving version {to_version.number}.",
@@ -177,6 +214,31 @@ def _start_revision(
     )
     transaction.on_commit(partial(revision_rollout.delay, revision.pk))
     return revision
+
+
+def deployment_public_set(*, deployment: Deployment, public: bool, user: User) -> bool:
+    """Open a deployment to calls without a key, or make it private again (team admins;
+    checked by the caller). On the timeline; instances follow within a second."""
+    with transaction.atomic():
+        changed = (
+            Deployment.objects.filter(pk=deployment.pk)
+            .exclude(public=public)
+            .update(public=public, updated_at=Now())
+        )
+        deployment.public = public
+        if changed:
+            event_record(
+                team=deployment.model.team,
+                actor=user,
+                deployment=deployment,
+                step="access",
+                level=EventLevel.WARNING if public else EventLevel.INFO,
+                message=f"{deployment.name} made public: calls need no key"
+                if public
+                else f"{deployment.name} made private: calls need an inference key",
+            )
+    deployment_keys_write(deployment=deployment)
+    return bool(changed)
 
 
 def deployment_stop(*, deployment: Deployment, user: User, delete: bool) -> None:
@@ -248,56 +310,50 @@ def revision_rollout(*, revision_id: int) -> None:
     revision.save(update_fields=["runtime", "updated_at"])
     served = version.served_model_path
     timer = StepTimer()
+    count = deployment.min_replicas
+    started: list[Started] = []
     try:
         if served is None:
             raise DeployerError(f"Version {version.number} has no served model file.")
         _preflight(deployment, runtime)
         image = _image_for(revision, runtime)
-        launch = runtime.start(
-            LaunchSpec(
-                deployment_id=deployment.pk,
-                revision_id=revision.pk,
-                model_name=deployment.model.name,
-                model_version=str(version.number),
-                model_path=served,
-                image=image,
-                device=deployment.device,
-                cpus=float(deployment.cpus),
-                memory_mb=deployment.memory_mb,
-                pids_limit=deployment.pids_limit,
-                labels={
-                    "modelport.deployment": str(deployment.pk),
-                    "modelport.revision": str(revision.pk),
-                },
+        # Every replica starts at once; each is proven on its own before any gets traffic.
+        for slot in range(count):
+            started.append(
+                replica_start(revision=revision, runtime=runtime, slot=slot, image=image)
             )
-        )
-        revision.handle, revision.internal_url = launch.handle, launch.url
-        revision.metrics_url = launch.metrics_url
-        revision.save(update_fields=["handle", "internal_url", "metrics_url", "updated_at"])
+            if slot == 0:
+                first = started[0].launch
+                revision.handle, revision.internal_url = first.handle, first.url
+                revision.internal_grpc, revision.metrics_url = (
+                    first.grpc_address,
+                    first.metrics_url,
+                )
+                revision.save(
+                    update_fields=[
+                        "handle", "internal_url", "internal_grpc", "metrics_url", "updated_at",
+                    ]
+                )  # fmt: skip
+        handles = ", ".join(s.launch.handle[:12] for s in started)
         event_record(
             team=deployment.model.team,
             deployment=deployment,
             step="start",
-            message=f"Started {runtime.name} instance {launch.handle[:12]} for version "
-            f"{version.number}" + (f" from {image}" if image else ""),
+            message=f"Started {count} {runtime.name} instance{'s' if count > 1 else ''} "
+            f"({handles}) for version {version.number}" + (f" from {image}" if image else ""),
         )
-        wait_until_ready(
-            launch.url,
-            deployment.model.name,
-            timeout_s=settings.MODELPORT_READY_TIMEOUT_S,
-            still_running=lambda: runtime.status(launch.handle).state == InstanceState.RUNNING,
-            describe_failure=lambda: _failure_detail(runtime, launch.handle),
-        )
-        check_known_answer(
-            launch.url,
-            deployment.model.name,
-            version.known_answer_path,
-            tolerance=engine.known_answer_tolerance(deployment.device),
-        )
-    except DeployerError as exc:
-        _rollout_failed(revision, runtime, exc.message)
+        for one in started:
+            replica_prove(started=one, runtime=runtime)
+            if not replica_mark_ready(one.replica):
+                raise LaunchError(
+                    f"Replica {one.replica.slot + 1} stopped before it got traffic: "
+                    f"{Replica.objects.get(pk=one.replica.pk).cause}"
+                )
+    except (DeployerError, IntegrityError) as exc:
+        message = exc.message if isinstance(exc, DeployerError) else "Its replicas were taken."
+        _rollout_failed(revision, runtime, message)
         return
-    _switch(revision, runtime, ready_seconds=timer.ms / 1000, url=launch.url)
+    _switch(revision, runtime, ready_seconds=timer.ms / 1000, launch=started[0].launch)
 
 
 def _discard_earlier_attempt(revision: Revision) -> None:
@@ -306,6 +362,7 @@ def _discard_earlier_attempt(revision: Revision) -> None:
     By handle when it was saved, and by label for an instance started just before
     the worker died (its handle never reached the row).
     """
+    replicas_stop(revision=revision, grace_s=1, cause="an interrupted rollout left it")
     if revision.handle:
         _runtime_of(revision).stop(revision.handle, grace_s=1)
     for runtime in engine.runtimes_in_use():
@@ -314,7 +371,10 @@ def _discard_earlier_attempt(revision: Revision) -> None:
                 runtime.stop(instance.handle, grace_s=1)
     if revision.handle:
         revision.handle = revision.internal_url = revision.metrics_url = ""
-        revision.save(update_fields=["handle", "internal_url", "metrics_url", "updated_at"])
+        revision.internal_grpc = ""
+        revision.save(
+            update_fields=["handle", "internal_url", "internal_grpc", "metrics_url", "updated_at"]
+        )
 
 
 def _preflight(deployment: Deployment, runtime: Runtime) -> None:
@@ -351,27 +411,29 @@ def _image_for(revision: Revision, runtime: Runtime) -> str:
     return version_image_ensure(version=version, device=device, on_line=touch).ref
 
 
-def _failure_detail(runtime: Runtime, handle: str) -> str:
-    status = runtime.status(handle)
-    detail = f"The instance stopped: {status.detail}. " if status.detail else ""
-    return detail + _log_tail(runtime, handle)
-
-
 def _route_for(deployment: Deployment, revision: Revision) -> Route:
-    upstream = revision.internal_url.split("://", 1)[-1].rstrip("/")
-    return Route(
-        key=f"d{deployment.pk}",
-        prefix=route_prefix(deployment.model.team.slug, deployment.model.name, deployment.name),
-        upstream=upstream,
-        revision=revision.pk,
-    )
+    return route_for(deployment, revision)
 
 
-def _switch(revision: Revision, runtime: Runtime, *, ready_seconds: float, url: str) -> None:
+def _switch(
+    revision: Revision, runtime: Runtime, *, ready_seconds: float, launch: LaunchResult
+) -> None:
     deployment, version = revision.deployment, revision.version
     proxy = engine.proxy()
     switch_note = ""
-    endpoint = f"{url}/v2/models/{deployment.model.name}"
+    endpoint = f"{launch.url}/v2/models/{deployment.model.name}"
+    grpc_address = revision.internal_grpc
+    if proxy is None and launch.public_url and isinstance(runtime, HandsOverAddress):
+        # No proxy: every replica takes over the deployment's own listening sockets.
+        try:
+            for replica in revision.replicas.filter(state=ReplicaState.READY):
+                runtime.take_over(replica.handle)
+        except LaunchError as exc:
+            _rollout_failed(revision, runtime, exc.message)
+            return
+        endpoint = f"{launch.public_url}/v2/models/{deployment.model.name}"
+        grpc_address = launch.public_grpc or grpc_address
+        switch_note = "; took over the stable address"
     if proxy is not None:
         route = _route_for(deployment, revision)
         try:
@@ -381,12 +443,16 @@ def _switch(revision: Revision, runtime: Runtime, *, ready_seconds: float, url: 
             _rollout_failed(revision, runtime, f"The proxy did not take the new route: {exc}")
             return
         endpoint = f"{proxy.url(route.prefix)}v2/models/{deployment.model.name}"
+        grpc_address = proxy.grpc_address(route) or grpc_address
         switch_note = f"; route switched in {switched * 1000:.0f} ms"
+    # The alias moves before the deployment reads running at this version, so whoever
+    # sees "running, version N" finds the alias at N too.
+    _move_alias(deployment, version)
     with transaction.atomic():
         locked = Deployment.objects.select_for_update().get(pk=deployment.pk)
         previous = locked.current_revision
         revision.mark_live(ready_seconds=ready_seconds)
-        locked.mark_running(revision=revision, endpoint_url=endpoint)
+        locked.mark_running(revision=revision, endpoint_url=endpoint, grpc_address=grpc_address)
         if previous is not None and previous.pk != revision.pk:
             previous.mark_ended(status=RevisionStatus.SUPERSEDED)
         event_record(
@@ -398,10 +464,16 @@ def _switch(revision: Revision, runtime: Runtime, *, ready_seconds: float, url: 
             f"(ready and known answer correct in {ready_seconds:.1f} s{switch_note})",
             duration_ms=int(ready_seconds * 1000),
         )
-    if previous is not None and previous.pk != revision.pk and previous.handle:
-        # The proxy sends nothing new to it; it finishes what it holds, then stops.
-        _runtime_of(previous).stop(previous.handle, grace_s=settings.MODELPORT_DRAIN_S)
-    _move_alias(locked, version)
+    if previous is not None and previous.pk != revision.pk:
+        # The proxy sends nothing new to them; they finish what they hold, then stop.
+        replicas_stop(revision=previous, grace_s=settings.MODELPORT_DRAIN_S, cause="superseded")
+        if previous.handle:
+            _runtime_of(previous).stop(previous.handle, grace_s=settings.MODELPORT_DRAIN_S)
+    if locked.min_replicas != revision.replicas.filter(state=ReplicaState.READY).count():
+        from portal.deployments.tasks import deployment_replicas_heal as replicas_heal_task
+
+        # Scaled while the rollout ran, or a replica died meanwhile.
+        transaction.on_commit(partial(replicas_heal_task.delay, locked.pk))
 
 
 def _move_alias(deployment: Deployment, version: ModelVersion) -> None:
@@ -434,6 +506,7 @@ def _move_alias(deployment: Deployment, version: ModelVersion) -> None:
 
 
 def _rollout_failed(revision: Revision, runtime: Runtime, message: str) -> None:
+    replicas_stop(revision=revision, grace_s=1, cause="its rollout failed")
     if revision.handle:
         runtime.stop(revision.handle, grace_s=1)
     deployment = revision.deployment
@@ -447,16 +520,20 @@ def _rollout_failed(revision: Revision, runtime: Runtime, message: str) -> None:
             keeps.mark_failed(message="Its instance stopped and could not be restarted.")
             locked.current_revision = None
             dead, keeps = keeps, None
+        # The first line is the cause, shown on its own; the detail (log lines) follows.
+        cause, _, detail = message.partition("\n")
         locked.mark_failed(
-            message=f"Version {revision.version.number} did not go live: {message}"
+            message=f"Version {revision.version.number} did not go live: {cause}"
             + (f" Version {keeps.version.number} keeps serving." if keeps else "")
+            + (f"\n{detail}" if detail else "")
         )
         event_record(
             team=locked.model.team,
             deployment=locked,
             step="rollout",
             level=EventLevel.ERROR,
-            message=locked.error,
+            message=locked.error.partition("\n")[0],
+            data={"detail": detail[:4000]} if detail else None,
         )
     if dead is not None and dead.handle:
         _runtime_of(dead).stop(dead.handle, grace_s=1)
@@ -471,11 +548,6 @@ def _serving(revision: Revision) -> bool:
         return False
 
 
-def _log_tail(runtime: Runtime, handle: str) -> str:
-    tail = runtime.logs(handle, tail=15).strip()
-    return f"Last log lines:\n{tail}" if tail else "It wrote no log."
-
-
 def deployment_teardown(*, deployment_id: int, delete: bool) -> None:
     """Stop every instance of a deployment; delete the row too when asked."""
     deployment = Deployment.objects.select_related("model__team").filter(pk=deployment_id).first()
@@ -485,6 +557,10 @@ def deployment_teardown(*, deployment_id: int, delete: bool) -> None:
     if proxy is not None:
         # First stop routing: the URL answers 404 from now on, not a dying instance.
         proxy.remove_route(f"d{deployment.pk}")
+    for revision in deployment.revisions.filter(
+        replicas__state__in=ACTIVE_REPLICA_STATES
+    ).distinct():
+        replicas_stop(revision=revision, grace_s=settings.MODELPORT_DRAIN_S, cause="stopped")
     for revision in deployment.revisions.exclude(handle=""):
         _runtime_of(revision).stop(revision.handle, grace_s=settings.MODELPORT_DRAIN_S)
     for runtime in engine.runtimes_in_use():
@@ -504,7 +580,10 @@ def deployment_teardown(*, deployment_id: int, delete: bool) -> None:
                 level=EventLevel.WARNING,
                 message=f"Deployment {deployment.name} stopped and deleted",
             )
+            deployment_pk = deployment.pk
             deployment.delete()
+            transaction.on_commit(partial(deployment_keys_remove, deployment_id=deployment_pk))
+            transaction.on_commit(partial(deployment_spool_remove, deployment_id=deployment_pk))
             return
         Deployment.objects.filter(pk=deployment.pk).update(
             status=DeploymentStatus.STOPPED,
@@ -557,6 +636,10 @@ def deployments_reconcile() -> dict[str, int]:
         Revision.objects.filter(status__in=[RevisionStatus.LIVE, *WORKING_REVISION_STATUSES])
         .exclude(handle="")
         .values_list("handle", flat=True)
+    ) | set(
+        Replica.objects.filter(state__in=ACTIVE_REPLICA_STATES)
+        .exclude(handle="")
+        .values_list("handle", flat=True)
     )
     for runtime in runtimes:
         for instance in runtime.owned():
@@ -570,12 +653,20 @@ def deployments_reconcile() -> dict[str, int]:
             runtime.prune_log_files()
 
     counts["routes_changed"] = _routes_sync(active_ids)
+    # Keys files: drop keys that expired, repair a file a crash left behind, and
+    # learn from the access logs when keys were last used.
+    counts["keys_files"] = all_keys_write()
+    counts["keys_used"] = keys_last_used_record()
 
-    for deployment in Deployment.objects.filter(status=DeploymentStatus.RUNNING).select_related(
-        "current_revision__version", "model__team"
-    ):
+    for deployment in Deployment.objects.filter(
+        status__in=SERVING_DEPLOYMENT_STATUSES
+    ).select_related("current_revision__version", "model__team"):
         current = deployment.current_revision
         if current is None or not current.handle:
+            continue
+        if current.replicas.exists():
+            # Replicas: deaths the watcher missed (it was down) are handled as it would.
+            counts["restarted"] += _replicas_reconcile(deployment, current)
             continue
         if _serving(current):
             continue
@@ -620,6 +711,28 @@ def deployments_reconcile() -> dict[str, int]:
         teardown_task.delay(deployment.pk, False)
         counts["requeued"] += 1
     return counts
+
+
+def _replicas_reconcile(deployment: Deployment, revision: Revision) -> int:
+    """Mark READY replicas whose instance is gone as failed, and heal when short."""
+    runtime = _runtime_of(revision)
+    for replica in revision.replicas.filter(state=ReplicaState.READY).exclude(handle=""):
+        try:
+            status = runtime.status(replica.handle)
+        except DeployerError:
+            continue
+        if status.state != InstanceState.RUNNING:
+            replica_exited(
+                handle=replica.handle,
+                cause=f"is gone ({status.detail or status.state}; found by reconcile)",
+            )
+    from portal.deployments.tasks import deployment_replicas_heal as replicas_heal_task
+
+    active = revision.replicas.filter(state__in=ACTIVE_REPLICA_STATES).count()
+    if active != deployment.min_replicas:
+        replicas_heal_task.delay(deployment.pk)
+        return 1
+    return 0
 
 
 def _routes_sync(active_ids: set[int]) -> int:

@@ -16,9 +16,11 @@ from rest_framework.exceptions import APIException
 from portal.accounts.access import page_access
 from portal.accounts.choices import Role
 from portal.core.models import Event
-from portal.deployments import selectors, services
-from portal.deployments.choices import DeploymentStatus
-from portal.deployments.models import Deployment
+from portal.deployments import replicas, selectors, services
+from portal.deployments.async_inference import deployment_async_queue
+from portal.deployments.choices import DeploymentStatus, ReplicaState
+from portal.deployments.inference_keys import portal_headers
+from portal.deployments.models import MAX_REPLICAS, Deployment
 from portal.deployments.tryit import input_fields, try_inference
 from portal.monitoring.charts import chart
 from portal.monitoring.selectors import deployment_series
@@ -67,35 +69,71 @@ def snippets(deployment: Deployment, version: ModelVersion | None) -> dict[str, 
     body = json.dumps(
         {"inputs": [{k: t[k] for k in ("name", "shape", "datatype", "data")} for t in tensors]}
     )
+    private = not deployment.public
+    auth = '  -H "Authorization: Bearer $MODELPORT_KEY" \\\n' if private else ""
     curl = (
-        f"curl -s -X POST {url}/infer \\\n  -H 'Content-Type: application/json' \\\n  -d '{body}'"
+        ("export MODELPORT_KEY=mpk_…   # Inference keys page\n" if private else "")
+        + f"curl -s -X POST {url}/infer \\\n{auth}  -H 'Content-Type: application/json' \\\n"
+        f"  -d '{body}'"
     )
-    lines = [
-        "import numpy as np",
-        "import tritonclient.http as httpclient",
-        "",
-        f'client = httpclient.InferenceServerClient("{host}")',
-        "inputs = []",
-    ]
-    for tensor in tensors:
-        shape = tuple(tensor["shape"])
-        lines += [
-            f"x = np.zeros({shape!r}, dtype={tensor['numpy_dtype']})",
-            f'tensor = httpclient.InferInput("{tensor["name"]}", list(x.shape), '
-            f'"{tensor["datatype"]}")',
-            "tensor.set_data_from_numpy(x)",
-            "inputs.append(tensor)",
-        ]
-    lines.append(f'result = client.infer("{name}", inputs)')
-    for spec in version.signature.get("outputs", []) if version else []:
-        lines.append(f'print(result.as_numpy("{spec["name"]}"))')
+    outputs = [spec["name"] for spec in version.signature.get("outputs", [])] if version else []
+    http = _tritonclient("http", host, name, tensors, outputs, "Authorization" if private else "")
+    grpc = _tritonclient(
+        "grpc",
+        deployment.grpc_address or "HOST:8001",
+        name,
+        tensors,
+        outputs,
+        # grpcio refuses upper-case metadata keys on the client side.
+        "authorization" if private else "",
+    )
     modelport = (
         "export MODELPORT_URL=… MODELPORT_TOKEN=…   # API tokens page\n"
+        f"modelport keys create --name my-app --deployment {deployment.pk}  # shown once\n"
         f"modelport push model.onnx --model {name} --deploy {deployment.name}\n"
         f"modelport status --model {name}\n"
         f"modelport rollback --model {name} --deployment {deployment.name} --to-version N --wait"
     )
-    return {"curl": curl, "tritonclient": "\n".join(lines), "modelport": modelport}
+    return {
+        "curl": curl,
+        "tritonclient": http,
+        "tritonclient_grpc": grpc,
+        "modelport": modelport,
+    }
+
+
+def _tritonclient(
+    protocol: str,
+    address: str,
+    model: str,
+    tensors: list[dict[str, Any]],
+    outputs: list[str],
+    header: str,
+) -> str:
+    """A tritonclient (``http`` or ``grpc``) snippet; ``header`` names the key's header
+    (empty for a public deployment)."""
+    module = f"{protocol}client"
+    lines = [
+        *(["import os", ""] if header else []),
+        "import numpy as np",
+        f"import tritonclient.{protocol} as {module}",
+        "",
+        f'client = {module}.InferenceServerClient("{address}")',
+    ]
+    if header:
+        lines.append(f'headers = {{"{header}": f"Bearer {{os.environ[\'MODELPORT_KEY\']}}"}}')
+    lines.append("inputs = []")
+    for tensor in tensors:
+        lines += [
+            f"x = np.zeros({tuple(tensor['shape'])!r}, dtype={tensor['numpy_dtype']})",
+            f'tensor = {module}.InferInput("{tensor["name"]}", list(x.shape), '
+            f'"{tensor["datatype"]}")',
+            "tensor.set_data_from_numpy(x)",
+            "inputs.append(tensor)",
+        ]
+    lines.append(f'result = client.infer("{model}", inputs{", headers=headers" if header else ""})')
+    lines += [f'print(result.as_numpy("{output}"))' for output in outputs]
+    return "\n".join(lines)
 
 
 def _charts(deployment: Deployment) -> list[Any]:
@@ -112,8 +150,15 @@ def deployment_detail(request: HttpRequest, deployment_id: int) -> HttpResponse:
     """The deployment page; htmx asks for one part of it with ``?part=``."""
     access = page_access(request)
     deployment = selectors.deployment_get(team=access.team, deployment_id=deployment_id)
-    live = deployment.status in (DeploymentStatus.RUNNING, DeploymentStatus.DEPLOYING)
+    live = deployment.status in (
+        DeploymentStatus.RUNNING,
+        DeploymentStatus.DEGRADED,
+        DeploymentStatus.DEPLOYING,
+    )
     part = request.GET.get("part", "") if getattr(request, "htmx", False) else ""
+    replicas_context = _replicas_context(deployment, access.can_change)
+    if part == "replicas":
+        return render(request, "deployments/htmx/replicas.html", {**replicas_context, "oob": True})
     if part == "logs":
         revision, lines = selectors.deployment_log_lines(deployment=deployment, tail=LOG_LINES)
         return render(
@@ -127,6 +172,16 @@ def deployment_detail(request: HttpRequest, deployment_id: int) -> HttpResponse:
             "deployments/htmx/metrics.html",
             {"deployment": deployment, "charts": _charts(deployment), "live": live},
         )
+    if part == "async":
+        return render(
+            request,
+            "deployments/htmx/async_queue.html",
+            {
+                "deployment": deployment,
+                "async_queue": deployment_async_queue(deployment=deployment),
+                "live": live,
+            },
+        )
     revisions = list(selectors.revision_list(deployment=deployment))
     current = deployment.current_revision
     events = (
@@ -134,11 +189,7 @@ def deployment_detail(request: HttpRequest, deployment_id: int) -> HttpResponse:
         .select_related("actor")
         .order_by("-created_at", "-id")[:50]
     )
-    rollback_targets = [
-        v
-        for v in registry_selectors.version_list(model=deployment.model)
-        if v.is_ready and (current is None or v.pk != current.version_id)
-    ]
+    rollback_targets = selectors.deployment_rollback_targets(deployment=deployment)
     version = current.version if current else None
     context = {
         "deployment": deployment,
@@ -149,6 +200,8 @@ def deployment_detail(request: HttpRequest, deployment_id: int) -> HttpResponse:
         "rollback_targets": rollback_targets,
         "try_fields": input_fields(version.signature) if version else [],
         "live": live,
+        "async_queue": deployment_async_queue(deployment=deployment),
+        **replicas_context,
     }
     if part == "status":
         response = render(request, "deployments/htmx/status.html", context)
@@ -161,6 +214,41 @@ def deployment_detail(request: HttpRequest, deployment_id: int) -> HttpResponse:
     revision, lines = selectors.deployment_log_lines(deployment=deployment, tail=LOG_LINES)
     context.update(log_revision=revision, log_lines=lines, charts=_charts(deployment))
     return render(request, "deployments/detail.html", context)
+
+
+def _replicas_context(deployment: Deployment, can_scale: bool) -> dict[str, Any]:
+    rows = selectors.replica_list(deployment=deployment)
+    return {
+        "deployment": deployment,
+        "replicas": rows,
+        "ready_count": sum(1 for r in rows if r.state == ReplicaState.READY),
+        "serving": deployment.status not in (DeploymentStatus.STOPPED, DeploymentStatus.FAILED),
+        "can_scale": can_scale and deployment.status != DeploymentStatus.STOPPED,
+        "max_allowed": MAX_REPLICAS,
+    }
+
+
+@login_required
+@require_POST
+def deployment_scale(request: HttpRequest, deployment_id: int) -> HttpResponse:
+    """Set the replica range from the deployment page (members)."""
+    access = page_access(request)
+    deployment = selectors.deployment_get(team=access.team, deployment_id=deployment_id)
+    access.require_page(Role.MEMBER, "change the replicas of deployments")
+    try:
+        low = int(request.POST.get("min_replicas", ""))
+        high = int(request.POST.get("max_replicas", "") or low)
+        changed = replicas.deployment_scale(
+            deployment=deployment, min_replicas=low, max_replicas=high, user=access.user
+        )
+    except ValueError:
+        messages.error(request, "Replicas must be whole numbers.")
+    except APIException as exc:
+        messages.error(request, str(exc.detail))
+    else:
+        if changed:
+            messages.success(request, f"{deployment.name} runs {low} replica(s) (up to {high}).")
+    return redirect("deployments:detail", deployment_id=deployment.pk)
 
 
 @login_required
@@ -181,6 +269,7 @@ def deployment_try(request: HttpRequest, deployment_id: int) -> HttpResponse:
         }
         result = try_inference(
             endpoint_url=_reachable_from_here(deployment.endpoint_url),
+            headers=portal_headers(deployment.pk),
             signature=current.version.signature,
             values=values,
             upload=request.FILES.get("sample"),
@@ -225,4 +314,22 @@ def deployment_stop(request: HttpRequest, deployment_id: int) -> HttpResponse:
     access.require_page(Role.ADMIN, "stop deployments")
     services.deployment_stop(deployment=deployment, user=access.user, delete=False)
     messages.success(request, f"Stopping {deployment.name}.")
+    return redirect("deployments:detail", deployment_id=deployment.pk)
+
+
+@login_required
+@require_POST
+def deployment_public(request: HttpRequest, deployment_id: int) -> HttpResponse:
+    """Make a deployment public (no key needed) or private again (team admins)."""
+    access = page_access(request)
+    deployment = selectors.deployment_get(team=access.team, deployment_id=deployment_id)
+    access.require_page(Role.ADMIN, "make deployments public or private")
+    public = request.POST.get("public", "") == "true"
+    services.deployment_public_set(deployment=deployment, public=public, user=access.user)
+    messages.success(
+        request,
+        f"{deployment.name} is public: calls need no key."
+        if public
+        else f"{deployment.name} is private: calls need an inference key.",
+    )
     return redirect("deployments:detail", deployment_id=deployment.pk)

@@ -70,7 +70,7 @@ def test_upload_without_file_and_with_unknown_format(personas: Personas) -> None
     assert "file" in missing.json()["fields"]
     unknown = client.post(
         "/api/v1/models/demo/versions/",
-        {"file": SimpleUploadedFile("m.h5", b"x"), "format": "keras"},
+        {"file": SimpleUploadedFile("m.caffemodel", b"x"), "format": "caffe"},
         format="multipart",
     )
     assert unknown.status_code == 400

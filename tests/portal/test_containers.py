@@ -25,14 +25,20 @@ from deployer.runtimes.base import InstanceState
 from deployer.runtimes.docker import MANAGED, NO_GPU_RUNTIME
 from portal.core import engine
 from portal.core.models import Event
-from portal.deployments import selectors, services
-from portal.deployments.choices import DeploymentStatus, RevisionKind, RevisionStatus
-from portal.deployments.models import Deployment, Revision
+from portal.deployments import replicas, selectors, services
+from portal.deployments.choices import (
+    DeploymentStatus,
+    ReplicaState,
+    RevisionKind,
+    RevisionStatus,
+)
+from portal.deployments.models import Deployment, Replica
 from portal.registry import services as registry_services
 from portal.registry.choices import VersionStatus
 from portal.registry.models import Model, ModelVersion
 from tests.conftest import Personas, _stop_containers_and_proxy, wait_for
 from tests.onnx_models import linear_model
+from tests.portal.factories import inference_headers
 
 MIB = 1024 * 1024
 X = [1.0, 2.0, 3.0, 4.0]
@@ -81,7 +87,9 @@ def _deploy(version: ModelVersion, user: Any, **kwargs: Any) -> Deployment:
 
 
 def _infer(endpoint: str) -> np.ndarray:
-    response = requests.post(f"{endpoint}/infer", json=BODY, timeout=10)
+    response = requests.post(
+        f"{endpoint}/infer", json=BODY, timeout=10, headers=inference_headers(endpoint)
+    )
     assert response.status_code == 200, response.text
     return np.array(response.json()["outputs"][0]["data"])
 
@@ -134,8 +142,19 @@ def test_upload_builds_a_model_image_and_deploys_a_hardened_container(
     assert host["NanoCpus"] == 1_000_000_000
     assert host["PidsLimit"] == 256
     assert set(host["Tmpfs"]) == {"/tmp"}
-    assert host["Binds"] in (None, [])
-    assert attrs["Mounts"] == []
+    # The two host folders: this deployment's keys, read-only (the runtime re-reads the
+    # file), and its async spool, read-write.
+    from portal.deployments.async_inference import spool_path
+    from portal.deployments.inference_keys import keys_file_path
+
+    keys_folder = keys_file_path(deployment.pk).parent
+    spool = spool_path(deployment.pk)
+    assert sorted(host["Binds"]) == sorted(
+        [f"{keys_folder}:/modelport-keys:ro", f"{spool}:/modelport-async:rw"]
+    )
+    assert sorted((m["Source"], m["Destination"], m["RW"]) for m in attrs["Mounts"]) == sorted(
+        [(str(keys_folder), "/modelport-keys", False), (str(spool), "/modelport-async", True)]
+    )
     assert "docker.sock" not in str(attrs)
     labels = attrs["Config"]["Labels"]
     assert labels[MANAGED] == settings.MODELPORT_INSTALLATION_ID
@@ -209,6 +228,8 @@ def test_rollout_and_rollback_under_load_drop_no_request(
     first = float((np.array(X) @ w1 + b1)[0])
     second = float((np.array(X) @ w2 + b2)[0])
     deployment = _deploy(v1, personas.bob.user)
+    # The load generator sends no key: this deployment is public (and stays so across switches).
+    services.deployment_public_set(deployment=deployment, public=True, user=personas.alice.user)
     url = f"{deployment.endpoint_url}/infer"
 
     with Load(url, BODY, rate=150, threads=6) as load:
@@ -344,10 +365,14 @@ def test_reconcile_restarts_dead_containers_and_never_touches_others(
         counts = services.deployments_reconcile()
         assert counts["orphans_stopped"] == 1
         assert counts["restarted"] == 1
-        restart = Revision.objects.get(deployment=deployment, kind=RevisionKind.RESTART)
-        services.revision_rollout(revision_id=restart.pk)
+        # The dead replica is replaced in its slot; the revision stays live.
+        dead = Replica.objects.get(revision=live)
+        assert dead.state == ReplicaState.FAILED
+        assert "exit code 137" in dead.cause, dead.cause
+        assert replicas.deployment_replicas_heal(deployment_id=deployment.pk)["started"] == 1
         deployment.refresh_from_db()
-        assert deployment.current_revision_id == restart.pk
+        assert deployment.current_revision_id == live.pk
+        assert deployment.status == DeploymentStatus.RUNNING
         np.testing.assert_allclose(
             _infer(deployment.endpoint_url), np.array(X) @ w1 + b1, rtol=1e-5
         )
@@ -407,16 +432,20 @@ def test_a_dead_container_that_cannot_be_restarted_fails_the_deployment(
     np.savez(v1.known_answer_path, **inputs)
 
     assert services.deployments_reconcile()["restarted"] == 1
-    restart = Revision.objects.get(deployment=deployment, kind=RevisionKind.RESTART)
-    services.revision_rollout(revision_id=restart.pk)
+    counts = replicas.deployment_replicas_heal(deployment_id=deployment.pk)
+    assert (counts["started"], counts["failed"]) == (0, 1)
     deployment.refresh_from_db()
-    live.refresh_from_db()
-    assert deployment.status == DeploymentStatus.FAILED
-    assert deployment.current_revision is None
-    assert "differs from the known answer" in deployment.error
-    assert live.status == RevisionStatus.FAILED
+    # It stays on its version and says it is short of replicas (the next try backs off).
+    assert deployment.status == DeploymentStatus.DEGRADED
+    assert deployment.current_revision_id == live.pk
+    assert deployment.error == "0 of 1 replicas are ready."
+    assert (
+        Event.objects.filter(deployment=deployment, message__contains="could not be replaced")
+        .filter(message__contains="differs from the known answer")
+        .exists()
+    )
     assert engine.runtime().owned() == []
-    # Nothing serves, so nothing is routed; reconcile does not loop on it either.
-    assert services.deployments_reconcile()["restarted"] == 0
+    # Nothing serves: the edge answers its own V2 error, not a dying instance's.
     response = requests.get(deployment.endpoint_url, timeout=5)
-    assert response.status_code == 404
+    assert response.status_code == 503
+    assert "no instance answers" in response.json()["error"]

@@ -15,13 +15,19 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from deployer.runtimes.base import InstanceState
 from portal.core import engine
 from portal.core.models import Event
-from portal.deployments import services
-from portal.deployments.choices import DeploymentStatus, RevisionKind, RevisionStatus
-from portal.deployments.models import Deployment, Revision
+from portal.deployments import replicas, services
+from portal.deployments.choices import (
+    DeploymentStatus,
+    ReplicaState,
+    RevisionKind,
+    RevisionStatus,
+)
+from portal.deployments.models import Deployment, Replica, Revision
 from portal.registry import services as registry_services
 from portal.registry.models import Model, ModelVersion
 from tests.conftest import Personas
 from tests.onnx_models import linear_model
+from tests.portal.factories import inference_headers
 
 
 @pytest.fixture
@@ -51,6 +57,7 @@ def versions(
 def _infer(url: str, x: list[float]) -> np.ndarray:
     response = requests.post(
         f"{url}/infer",
+        headers=inference_headers(url),
         json={"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": x}]},
         timeout=10,
     )
@@ -157,12 +164,23 @@ def test_reconcile_restarts_a_dead_instance_and_stops_orphans(
     revision.refresh_from_db()
     os.kill(int(revision.handle.split("-")[1]), signal.SIGKILL)
 
+    # The revision stays; its dead replica is replaced in its slot (reconcile finds what
+    # the watcher would have told, when no watcher runs).
     counts = services.deployments_reconcile()
     assert counts["restarted"] == 1
-    restart = Revision.objects.get(kind=RevisionKind.RESTART)
-    services.revision_rollout(revision_id=restart.pk)
+    dead = Replica.objects.get(revision=revision)
+    assert dead.state == ReplicaState.FAILED
+    assert "SIGKILL" in dead.cause
     deployment = Deployment.objects.get(pk=revision.deployment_id)
-    assert deployment.current_revision_id == restart.pk
+    assert deployment.status == DeploymentStatus.DEGRADED
+    assert replicas.deployment_replicas_heal(deployment_id=deployment.pk)["started"] == 1
+    deployment.refresh_from_db()
+    assert deployment.status == DeploymentStatus.RUNNING
+    assert deployment.current_revision_id == revision.pk
+    replacement = Replica.objects.get(revision=revision, state=ReplicaState.READY)
+    assert (replacement.slot, replacement.restarts) == (0, 1)
+    restart = Revision.objects.get(pk=revision.pk)
+    assert restart.handle == replacement.handle
     x = [1.0, 0.0, 0.0, 0.0]
     np.testing.assert_allclose(_infer(deployment.endpoint_url, x), w1[0] + b1, rtol=1e-5)
 
