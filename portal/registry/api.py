@@ -118,10 +118,22 @@ class VersionListView(APIView):
 
 
 class VersionDetailView(APIView):
-    """One version with its status, signature, report and MLflow links."""
+    """One version with its status, signature, report and MLflow links; or delete it."""
 
     @extend_schema(responses=VersionSerializer)
     def get(self, request: Request, name: str, number: int) -> Response:
         model = selectors.model_get(team=api_access(request).team, name=name)
         version = selectors.version_get(model=model, number=number)
         return Response(VersionSerializer(version).data)
+
+    @extend_schema(responses={204: None}, parameters=[IDEMPOTENCY_PARAMETER])
+    @idempotent
+    def delete(self, request: Request, name: str, number: int) -> Response:
+        """Delete a version (admins); 409 ``version_retained`` while a deployment serves it
+        or could roll back to it, 409 ``version_in_progress`` while its pipeline runs."""
+        access = api_access(request)
+        model = selectors.model_get(team=access.team, name=name)
+        version = selectors.version_get(model=model, number=number)
+        access.require(Role.ADMIN, "delete versions")
+        services.version_delete(version=version, user=access.user)
+        return Response(status=status.HTTP_204_NO_CONTENT)

@@ -1,43 +1,42 @@
-"""The version pipeline's first half: detect, then convert (or validate), check, optimize.
+"""The version pipeline's first half: one call to the engine's conversion operation.
 
-Each step moves the version's progress and adds a timeline entry with its duration.
-What runs untrusted code runs in a sandbox chosen here from the settings (see
-``deployer.convert.runner``); this module only moves files and rows.
-
-    detect -> [archive: extract] -> validate -> optimize            (ONNX uploads)
-    detect -> load -> convert -> check -> optimize [-> quantize] -> validate   (others)
+``deployer.convert.pipeline.convert`` detects, converts (or extracts and validates),
+checks and optimizes; this module gives it the version's file, options and limits,
+chooses where untrusted code may run from the settings, and records what the engine
+reports: the step and progress on the row, entries on the timeline.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from django.conf import settings
 
-from deployer.convert.archive import ArchiveLimits, extract_onnx_archive
-from deployer.convert.formats import CODE_EXECUTING, CONVERTED_FORMATS, LABELS, Format, resolve
-from deployer.convert.onnx_tools import newest_runtime_opset
+from deployer.convert.archive import ArchiveLimits
+from deployer.convert.formats import (
+    CODE_EXECUTING,
+    CONTAINER_ONLY,
+    CONVERTED_FORMATS,
+    Detection,
+    Format,
+)
+from deployer.convert.pipeline import (
+    CheckFailed,
+    ConversionEvent,
+    PipelineRequest,
+    convert,
+)
 from deployer.convert.report import (
     ConversionOptions,
     ConversionReport,
     parse_tolerances,
 )
-from deployer.convert.runner import (
-    ContainerLimits,
-    ContainerSandbox,
-    ConversionRequest,
-    Sandbox,
-    StepEvent,
-    choose_sandbox,
-    convert_model,
-)
+from deployer.convert.runner import ContainerLimits, ContainerSandbox
 from deployer.errors import DeployerError
 from deployer.sandbox import Limits
-from deployer.validate import ValidationReport, ValidationRequest, validate_onnx
 from portal.core import engine
 from portal.core.choices import EventLevel
 from portal.core.services import StepTimer, event_record
@@ -46,29 +45,15 @@ from portal.registry.models import ModelVersion
 
 log = logging.getLogger(__name__)
 
-# Progress (percent) when each step starts; register and build follow at 70 and 80.
-PROGRESS = {
-    "detect": 8,
-    "extract": 12,
-    "load": 15,
-    "convert": 25,
-    "check": 35,
-    "optimize": 45,
-    "quantize": 50,
-    "validate": 55,
-}
-CONVERTED_DIR = "converted"
-EXTRACTED_DIR = "extracted"
+# The version's progress (percent) when the engine starts and when it is done; register
+# and build follow at 70 and 80.
+FIRST_PROGRESS = 8
+PREPARED_PROGRESS = 65
+__all__ = ["CheckFailed", "NeedsEngineWorker", "version_prepare"]
 
 
 class NeedsEngineWorker(Exception):
-    """This conversion runs in a container: only the deploy worker may start one."""
-
-
-class CheckFailed(DeployerError):
-    """The converted model does not compute what the original does."""
-
-    code = "check_failed"
+    """This step runs in a container: only a convert-queue worker may start one."""
 
 
 # ---------------------------------------------------------------- options and settings
@@ -105,6 +90,8 @@ def accepted_formats(*, docker: bool) -> dict[str, str]:
     for fmt in Format:
         if fmt in CONVERTED_FORMATS and use_docker:
             accepted[fmt.value] = "container"
+        elif fmt in CONTAINER_ONLY:
+            accepted[fmt.value] = "refused"
         elif fmt not in CODE_EXECUTING or trusted:
             accepted[fmt.value] = "local"
         else:
@@ -134,13 +121,15 @@ def _container_factory(version: ModelVersion, *, engine_access: bool) -> Any:
             )
         return None
 
-    def build() -> Sandbox:
+    def build(family: str = "core") -> ContainerSandbox:
         from deployer.convert.image import converter_image_ensure
         from deployer.images.build import docker_client
 
         client = docker_client(timeout_s=600)
         timer = StepTimer()
-        image = converter_image_ensure(engine.image_config(), log=_ImageLog(version), client=client)
+        image = converter_image_ensure(
+            engine.image_config(), family=family, log=_ImageLog(version), client=client
+        )
         if timer.ms > 2000:
             event_record(
                 team=version.model.team,
@@ -159,6 +148,8 @@ def _container_factory(version: ModelVersion, *, engine_access: bool) -> Any:
                 pids=settings.MODELPORT_CONVERSION_PIDS_LIMIT,
                 timeout_s=float(settings.MODELPORT_CONVERSION_TIMEOUT_S),
                 tmpfs_mb=settings.MODELPORT_CONVERSION_TMPFS_MB,
+                disk_mb=settings.MODELPORT_CONVERSION_DISK_MB,
+                log_mb=settings.MODELPORT_CONVERSION_LOG_MB,
             ),
             labels={
                 "modelport.installation": settings.MODELPORT_INSTALLATION_ID,
@@ -183,275 +174,98 @@ class _ImageLog:
         ModelVersion.objects.filter(pk=self.version.pk).update(progress=self.version.progress)
 
 
-# ---------------------------------------------------------------- the steps
+# ---------------------------------------------------------------- the operation
 
 
 def version_prepare(version: ModelVersion, *, engine_access: bool = False) -> None:
     """Produce the version's served ONNX model, its signature and known answer.
 
-    Raises ``NeedsEngineWorker`` when the conversion must run in a container and this
-    process may not talk to Docker (``engine_access``).
+    One call to the engine (``deployer.convert.pipeline.convert``); this records what it
+    reports. Raises ``NeedsEngineWorker`` when the conversion must run in a container and
+    this process may not talk to Docker (``engine_access``).
     """
     options = conversion_options(version)
-    fmt, evidence = _detect(version)
-    if fmt in CONVERTED_FORMATS:
-        report = _convert(version, fmt, options, evidence, engine_access=engine_access)
-        served = version.storage_dir / CONVERTED_DIR / "model.onnx"
-        validation = _validate(version, served)
-        version.report = {"validation": validation.details, "conversion": report.to_dict()}
-    else:
-        model_path = version.upload_path
-        if fmt == Format.ONNX_ARCHIVE:
-            model_path = _extract(version)
-        validation = _validate(version, model_path)
-        version.report = {"validation": validation.details}
-        served = model_path
-        if options.optimize or options.quantize:
-            served, report = _optimize_onnx(version, fmt, model_path, options)
-            version.report["conversion"] = report.to_dict()
-    version.signature = validation.signature.to_dict()
-    version.served_file = str(served.relative_to(version.storage_dir))
-    version.progress = 65
-    version.save(update_fields=["signature", "report", "served_file", "progress", "updated_at"])
-
-
-def _detect(version: ModelVersion) -> tuple[Format, str]:
-    version.advance(status=VersionStatus.VALIDATING, step="detect", progress=PROGRESS["detect"])
-    timer = StepTimer()
-    stated = version.source_format
-    detection = resolve(version.upload_path, stated=stated, file_name=version.file_name)
-    assert detection.format is not None
-    fmt = detection.format
-    version.source_format = fmt.value
-    version.save(update_fields=["source_format", "updated_at"])
-    event_record(
-        team=version.model.team,
-        version=version,
-        step="detect",
-        message=f"{LABELS[fmt]}: {detection.evidence}"
-        + (f" (stated: {stated})" if stated and stated != fmt.value else ""),
-        duration_ms=timer.ms,
-        data={"format": fmt.value, "evidence": detection.evidence},
-    )
-    return fmt, detection.evidence
-
-
-def _extract(version: ModelVersion) -> Path:
-    version.advance(status=VersionStatus.VALIDATING, step="extract", progress=PROGRESS["extract"])
-    timer = StepTimer()
-    target = version.storage_dir / EXTRACTED_DIR
-    shutil.rmtree(target, ignore_errors=True)
-    extracted = extract_onnx_archive(
-        version.upload_path,
-        target,
-        limits=ArchiveLimits(
+    earlier = (version.report or {}).get("detection")
+    request = PipelineRequest(
+        upload=version.upload_path,
+        file_name=version.file_name,
+        storage_dir=version.storage_dir,
+        known_answer_path=version.known_answer_path,
+        stated_format="" if earlier else version.source_format,
+        sample_path=version.sample_path,
+        options=options,
+        limits=conversion_limits(),
+        validation_limits=engine.validation_limits(),
+        archive_limits=ArchiveLimits(
             max_entries=settings.MODELPORT_ARCHIVE_MAX_ENTRIES,
             max_total_bytes=settings.MODELPORT_ARCHIVE_MAX_MB * 1024 * 1024,
         ),
+        trusted_local=settings.MODELPORT_CONVERSION_TRUSTED_LOCAL,
+        container=lambda: _container_factory(version, engine_access=engine_access),
+        detection=Detection(Format(earlier["format"]), earlier["evidence"]) if earlier else None,
     )
-    event_record(
-        team=version.model.team,
-        version=version,
-        step="extract",
-        message=f"Extracted {len(extracted.files)} file(s), {extracted.total_bytes / 1e6:.1f} MB; "
-        f"model {extracted.model_path.relative_to(target)}",
-        duration_ms=timer.ms,
-        data={"files": list(extracted.files)[:50]},
-    )
-    return extracted.model_path
-
-
-def _request(
-    version: ModelVersion,
-    fmt: Format,
-    source: Path,
-    options: ConversionOptions,
-    work: Path,
-    *,
-    known_answer: Path | None = None,
-    detected: str = "",
-) -> ConversionRequest:
-    return ConversionRequest(
-        source=source,
-        format=fmt,
-        out_dir=work / "out",
-        work_dir=work / "job",
-        options=options,
-        sample_path=version.sample_path,
-        known_answer=known_answer,
-        detected=detected,
-        serving_opset=newest_runtime_opset(),
-        limits=conversion_limits(),
-    )
-
-
-def _relay(version: ModelVersion) -> Any:
-    """Turns the sandbox's step events into progress and timeline entries."""
-
-    def on_step(event: StepEvent) -> None:
-        following = {
-            "load": "convert",
-            "convert": "check",
-            "check": "optimize",
-            "optimize": "quantize",
-        }.get(event.step, "validate")
-        level = EventLevel.INFO
-        if event.step == "check" and not event.data.get("passed", True):
-            level = EventLevel.WARNING if event.data.get("override") else EventLevel.ERROR
-        event_record(
-            team=version.model.team,
-            version=version,
-            step=event.step,
-            level=level,
-            message=event.message,
-            duration_ms=int(event.duration_ms),
-            data=event.data,
-        )
-        version.advance(
-            status=VersionStatus.CONVERTING,
-            step=following,
-            progress=PROGRESS.get(following, PROGRESS["validate"]),
-        )
-
-    return on_step
-
-
-def _convert(
-    version: ModelVersion,
-    fmt: Format,
-    options: ConversionOptions,
-    evidence: str,
-    *,
-    engine_access: bool,
-) -> ConversionReport:
-    container = _container_factory(version, engine_access=engine_access)
-    version.advance(status=VersionStatus.CONVERTING, step="load", progress=PROGRESS["load"])
-    work = version.storage_dir / "work"
-    target = version.storage_dir / CONVERTED_DIR
-    shutil.rmtree(work, ignore_errors=True)
-    shutil.rmtree(target, ignore_errors=True)
     try:
-        sandbox = choose_sandbox(
-            fmt,
-            container=container,
-            limits=conversion_limits(),
-            trusted_local=settings.MODELPORT_CONVERSION_TRUSTED_LOCAL,
-        )
-        request = _request(
-            version,
-            fmt,
-            version.upload_path,
-            options,
-            work,
-            detected=evidence,
-        )
-        outcome = convert_model(request, sandbox, on_step=_relay(version))
-        target.mkdir(parents=True)
-        for produced in request.out_dir.iterdir():
-            if produced.name.startswith("model.onnx"):
-                shutil.move(produced, target / produced.name)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    report = outcome.report
-    if not report.passed:
-        _check_failed(version, report, options)
-    return report
+        result = convert(request, _Recorder(version))
+    except CheckFailed as exc:
+        version.report = {**version.report, "conversion": exc.report.to_dict()}
+        version.save(update_fields=["report", "updated_at"])
+        raise
+    report: dict[str, Any] = {"validation": result.validation}
+    if result.conversion is not None:
+        report["conversion"] = result.conversion.to_dict()
+    if "detection" in version.report:
+        report["detection"] = version.report["detection"]
+    version.report = report
+    version.signature = result.signature
+    version.served_file = str(result.served_path.relative_to(version.storage_dir))
+    version.progress = max(version.progress, PREPARED_PROGRESS)
+    version.save(update_fields=["signature", "report", "served_file", "progress", "updated_at"])
 
 
-def _check_failed(
-    version: ModelVersion, report: ConversionReport, options: ConversionOptions
-) -> None:
-    failures = "; ".join(o.summary() for o in report.check.failures()) if report.check else ""
-    if options.override_reason:
-        actor = version.created_by
+class _Recorder:
+    """The engine's events as the version's step, progress and timeline entries."""
+
+    def __init__(self, version: ModelVersion) -> None:
+        self.version = version
+
+    def __call__(self, event: ConversionEvent) -> None:
+        version = self.version
+        if event.kind == "start":
+            status = (
+                VersionStatus.CONVERTING
+                if event.phase == "converting"
+                else VersionStatus.VALIDATING
+            )
+            version.advance(status=status, step=event.step, progress=_percent(version, event))
+            return
+        actor = version.created_by if event.data.get("override_reason") else None
         event_record(
             team=version.model.team,
             actor=actor,
             version=version,
-            step="check",
-            level=EventLevel.WARNING,
-            message=f"The check failed ({failures}) and was overridden by "
-            f"{actor.username if actor else 'the uploader'}: {options.override_reason}",
-            data={"override_reason": options.override_reason},
+            step=event.step,
+            level=_LEVELS[event.level],
+            message=event.message,
+            duration_ms=None if event.duration_ms is None else int(event.duration_ms),
+            data=event.data,
         )
-        return
-    version.report = {**version.report, "conversion": report.to_dict()}
-    version.save(update_fields=["report", "updated_at"])
-    version.advance(status=VersionStatus.CONVERTING, step="check", progress=PROGRESS["check"])
-    raise CheckFailed(
-        f"The converted model does not compute what the original does: {failures}. The "
-        "report shows every output. If these differences are acceptable, upload again with a "
-        "larger tolerance (atol/rtol) or with an override reason; otherwise the model uses "
-        "something that does not convert faithfully (randomness, another opset may help)."
-    )
+        if event.step == "detect" and event.kind == "done":
+            # Kept so a worker the version is handed to starts after detection.
+            version.source_format = event.data["format"]
+            version.report = {
+                **(version.report or {}),
+                "detection": {"format": event.data["format"], "evidence": event.data["evidence"]},
+            }
+            version.save(update_fields=["source_format", "report", "updated_at"])
 
 
-def _validate(version: ModelVersion, model_path: Path) -> ValidationReport:
-    version.advance(status=VersionStatus.VALIDATING, step="validate", progress=PROGRESS["validate"])
-    timer = StepTimer()
-    work_dir = version.storage_dir / "work"
-    try:
-        report = validate_onnx(
-            ValidationRequest(
-                model_path=model_path,
-                work_dir=work_dir,
-                sample_path=version.sample_path,
-                limits=engine.validation_limits(),
-            )
-        )
-        shutil.move(report.known_answer_path, version.known_answer_path)
-    finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
-    inputs = ", ".join(_tensor_text(t) for t in report.signature.to_dict()["inputs"])
-    event_record(
-        team=version.model.team,
-        version=version,
-        step="validate",
-        message=f"Valid ONNX model; inputs {inputs}; known answer recorded",
-        duration_ms=timer.ms,
-        data={"timings": report.details.get("timings", {})},
-    )
-    return report
+_LEVELS = {"info": EventLevel.INFO, "warning": EventLevel.WARNING, "error": EventLevel.ERROR}
 
 
-def _optimize_onnx(
-    version: ModelVersion, fmt: Format, model_path: Path, options: ConversionOptions
-) -> tuple[Path, ConversionReport]:
-    """onnxruntime's optimized form of an ONNX upload, served when it passes the check."""
-    version.advance(status=VersionStatus.CONVERTING, step="optimize", progress=PROGRESS["optimize"])
-    work = version.storage_dir / "work"
-    shutil.rmtree(work, ignore_errors=True)
-    try:
-        request = _request(
-            version, fmt, model_path, options, work, known_answer=version.known_answer_path
-        )
-        sandbox = choose_sandbox(
-            fmt, container=None, limits=conversion_limits(), trusted_local=False
-        )
-        relay = _relay(version)
-        outcome = convert_model(
-            request, sandbox, on_step=lambda e: None if e.step == "load" else relay(e)
-        )
-        report = outcome.report
-        served = model_path
-        if report.served_file != model_path.name:
-            # Beside the upload, so external data files (same folder) are found.
-            served = model_path.parent / f"served-{report.served_file}"
-            for produced in request.out_dir.iterdir():
-                if produced.name == "model.onnx":
-                    shutil.move(produced, served)
-                elif produced.name.startswith(("model.optimized.onnx", "model.int8.onnx")):
-                    shutil.move(produced, model_path.parent / produced.name)
-            if outcome.known_answer_path is not None:
-                shutil.move(outcome.known_answer_path, version.known_answer_path)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return served, report
-
-
-def _tensor_text(tensor: dict[str, Any]) -> str:
-    dims = ",".join("?" if d < 0 else str(d) for d in tensor["shape"])
-    return f"{tensor['name']} {tensor['datatype']}[{dims}]"
+def _percent(version: ModelVersion, event: ConversionEvent) -> int:
+    """The version's progress for an engine event; it never goes down."""
+    span = PREPARED_PROGRESS - FIRST_PROGRESS
+    return max(version.progress, FIRST_PROGRESS + int(event.progress * span))
 
 
 # ---------------------------------------------------------------- MLflow

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.core.validators import RegexValidator
 from django.db import models
 from django.utils import timezone
+
+if TYPE_CHECKING:
+    from django.contrib.auth.models import User
 
 from portal.accounts.models import Team
 from portal.registry.choices import FINAL_VERSION_STATUSES, SourceFormat, VersionStatus
@@ -89,6 +93,12 @@ class ModelVersion(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # Set by version_delete; purged_at once storage GC removed its files and image.
+    deleted_at = models.DateTimeField(null=True, blank=True)
+    deleted_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    purged_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["model", "-number"]
@@ -128,6 +138,12 @@ class ModelVersion(models.Model):
     def known_answer_path(self) -> Path:
         return self.storage_dir / "known_answer.npz"
 
+    @property
+    def warmup_sample_path(self) -> Path | None:
+        """The recorded sample the serving instance warms up with (None before validation)."""
+        path = self.known_answer_path
+        return path if path.is_file() else None
+
     # ------------------------------------------------------------ state
     @property
     def is_final(self) -> bool:
@@ -157,6 +173,15 @@ class ModelVersion(models.Model):
                 "updated_at",
             ]
         )
+
+    @property
+    def is_deleted(self) -> bool:
+        return self.status == VersionStatus.DELETED
+
+    def mark_deleted(self, *, user: User | None) -> None:
+        """Hide the version for good; storage GC removes what it stored."""
+        self.status, self.deleted_at, self.deleted_by = VersionStatus.DELETED, timezone.now(), user
+        self.save(update_fields=["status", "deleted_at", "deleted_by", "updated_at"])
 
     def mark_failed(self, *, code: str, message: str) -> None:
         """Finish the pipeline with an error a user can act on; the failed step stays visible."""

@@ -8,7 +8,7 @@ from django.conf import settings
 from rest_framework import serializers
 
 from deployer.tracking import model_version_url, run_url
-from portal.registry.choices import SourceFormat
+from portal.registry.choices import SourceFormat, VersionStatus
 from portal.registry.models import NAME_RE, Model, ModelVersion
 
 
@@ -34,13 +34,15 @@ class ModelSerializer(serializers.ModelSerializer[Model]):
 
     def get_version_count(self, obj: Model) -> int:
         count = getattr(obj, "version_count", None)
-        return int(count) if count is not None else obj.versions.count()
+        if count is not None:
+            return int(count)
+        return obj.versions.exclude(status=VersionStatus.DELETED).count()
 
     def get_latest_version(self, obj: Model) -> dict[str, Any] | None:
         number = getattr(obj, "latest_number", None)
         if number is not None:
             return {"number": number, "status": obj.latest_status}  # type: ignore[attr-defined]
-        latest = obj.versions.order_by("-number").first()
+        latest = obj.versions.exclude(status=VersionStatus.DELETED).order_by("-number").first()
         return {"number": latest.number, "status": latest.status} if latest else None
 
 

@@ -87,8 +87,14 @@ def model_update(*, model: Model, description: str, user: User) -> Model:
 
 
 def model_delete(*, model: Model, user: User) -> None:
-    """Delete a model, its versions and their files; refused while anything is deployed."""
+    """Delete a model, its versions and their files; refused while anything is deployed.
+
+    Its images and containers, and the MLflow mark, are left to storage GC, which is
+    queued once the deletion is committed.
+    """
     from portal.deployments.choices import DeploymentStatus
+    from portal.deployments.models import Revision
+    from portal.registry.tasks import storage_collect
 
     if model.deployments.exclude(status=DeploymentStatus.STOPPED).exists():
         raise Conflict(
@@ -104,8 +110,56 @@ def model_delete(*, model: Model, user: User) -> None:
             level=EventLevel.WARNING,
             message=f"Model {model.name} deleted with {len(folders)} version(s)",
         )
+        mlflow_name = model.mlflow_name
+        # Revisions protect their versions: Django's collector does not see that the
+        # same delete removes them through the deployments, so they go first.
+        Revision.objects.filter(deployment__model=model).delete()
         model.delete()
         transaction.on_commit(partial(_remove_folders, folders))
+        transaction.on_commit(partial(storage_collect.delay, [mlflow_name]))
+
+
+def version_delete(*, version: ModelVersion, user: User) -> ModelVersion:
+    """Delete one version; storage GC then removes its files and image and marks it in MLflow.
+
+    Refused while a deployment serves it, is rolling it out, or could roll back to it
+    (the retention policy), and while its pipeline is still running. The number is
+    never reused.
+    """
+    from portal.registry.selectors import retained_versions
+    from portal.registry.tasks import storage_collect
+
+    with transaction.atomic():
+        # The model's lock also serialises with uploads of the same model.
+        Model.objects.select_for_update().get(pk=version.model_id)
+        locked = ModelVersion.objects.select_for_update().get(pk=version.pk)
+        if locked.is_deleted:
+            return locked
+        if not locked.is_final:
+            raise Conflict(
+                f"Version {locked.number} is still {locked.get_status_display().lower()}; "
+                "delete it once its pipeline has finished.",
+                code="version_in_progress",
+            )
+        reasons = retained_versions(model=version.model).get(locked.pk)
+        if reasons:
+            raise Conflict(
+                f"Version {locked.number} cannot be deleted: {'; '.join(reasons)}. Deploy "
+                "another version or delete the deployment first.",
+                code="version_retained",
+            )
+        locked.mark_deleted(user=user)
+        event_record(
+            team=version.model.team,
+            actor=user,
+            version=locked,
+            step="delete",
+            level=EventLevel.WARNING,
+            message=f"Version {locked.number} deleted; its files and image are removed by "
+            "the next storage collection",
+        )
+        transaction.on_commit(storage_collect.delay)
+    return locked
 
 
 def _remove_folders(folders: list[Path]) -> None:
@@ -200,12 +254,9 @@ def file_sha256(path: Path) -> str:
 
 
 def _size(num_bytes: int) -> str:
-    value = float(num_bytes)
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if value < 1024 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "bytes" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{num_bytes} bytes"
+    from deployer.units import format_bytes  # the one size convention of pages and logs
+
+    return format_bytes(num_bytes)
 
 
 # ---------------------------------------------------------------- pipeline
@@ -342,8 +393,8 @@ def _register(version: ModelVersion) -> None:
 
 
 def _hand_to_engine_worker(version: ModelVersion) -> None:
-    """Continue the pipeline on the deploy worker, which may start sandbox containers."""
-    from portal.deployments.tasks import version_convert as version_convert_task
+    """Continue the pipeline on a convert worker, which may start sandbox containers."""
+    from portal.registry.tasks import version_convert as version_convert_task
 
     # The hand-off is not a failed attempt.
     ModelVersion.objects.filter(pk=version.pk).update(attempts=F("attempts") - 1)
@@ -351,15 +402,15 @@ def _hand_to_engine_worker(version: ModelVersion) -> None:
         team=version.model.team,
         version=version,
         step="convert",
-        message="Converting in a sandbox container on the deploy worker, the only process "
-        "that talks to the Docker engine",
+        message="Converting in a sandbox container on a convert worker (one that talks to "
+        "the Docker engine)",
     )
     transaction.on_commit(partial(version_convert_task.delay, version.pk))
 
 
 def _queue_build(version: ModelVersion) -> None:
-    """Hand the version to the deploy worker, the only process that talks to Docker."""
-    from portal.deployments.tasks import version_build as version_build_task
+    """Hand the version to a convert worker (one that talks to Docker) for its image."""
+    from portal.registry.tasks import version_build as version_build_task
 
     version.advance(status=VersionStatus.BUILDING, step="build", progress=80)
     # The build counts its own attempts: a pipeline retry is not a failed build.
@@ -370,7 +421,7 @@ def _queue_build(version: ModelVersion) -> None:
 def version_build(*, version_id: int) -> None:
     """The building step: make the version's model image, record its size and build time.
 
-    Runs on the deploy worker. Idempotent: the image is tagged by content, so a
+    Runs on a convert worker. Idempotent: the image is tagged by content, so a
     retry after a crash finds or finishes the same image and never makes a second.
     Raises ``EngineUnavailable`` when Docker does not answer (the task retries).
     """
@@ -456,6 +507,7 @@ def version_image_ensure(
             "modelport.version-uid": str(version.uid),
         },
         log=on_line,
+        warmup_sample=version.warmup_sample_path,
     )
     with transaction.atomic():
         locked = ModelVersion.objects.select_for_update().get(pk=version.pk)
@@ -516,7 +568,7 @@ def version_give_up(*, version: ModelVersion, reason: str) -> None:
     if version.status == VersionStatus.BUILDING:
         message = (
             f"The model image could not be built after {version.attempts} attempts ({reason}). "
-            "Check the Docker engine on the deploy worker's host, then upload the file again."
+            "Check the Docker engine on the convert worker's host, then upload the file again."
         )
         code = "build_failed"
     elif version.status == VersionStatus.REGISTERING:
@@ -556,7 +608,7 @@ def versions_reconcile() -> dict[str, int]:
 
 
 def _requeue(version: ModelVersion) -> None:
-    from portal.deployments.tasks import version_build as version_build_task
+    from portal.registry.tasks import version_build as version_build_task
     from portal.registry.tasks import version_process as version_process_task
 
     if version.status == VersionStatus.BUILDING:

@@ -149,6 +149,7 @@ def version_upload(request: HttpRequest, name: str) -> HttpResponse:
 def _format_choices() -> list[dict[str, str]]:
     """Each format with how this server handles it (converted in a container, locally,
     or refused and why), for the upload page."""
+    from deployer.convert.formats import NEEDS, Format
     from deployer.images.build import engine_available
     from portal.registry.conversion import accepted_formats
 
@@ -156,7 +157,9 @@ def _format_choices() -> list[dict[str, str]]:
     choices = []
     for value, label in SourceFormat.choices:
         how = handling.get(value, "local")
-        choices.append({"value": value, "label": label, "how": how})
+        choices.append(
+            {"value": value, "label": label, "how": how, "needs": NEEDS.get(Format(value), "")}
+        )
     return choices
 
 
@@ -177,6 +180,7 @@ def version_detail(request: HttpRequest, name: str, number: int) -> HttpResponse
         "gpu_reason": gpu_unavailable_reason(),
         "devices": Device.choices,
         "deployments": deployment_selectors.deployment_list(team=access.team, model=model),
+        "rollback_deployments": deployment_selectors.version_rollback_deployments(version=version),
         "conversion": version.report.get("conversion"),
         "conversion_variants": [
             variant
@@ -208,7 +212,12 @@ class _FoldedSteps:
 
     @property
     def message(self) -> str:
-        return f"Docker build, {len(self.steps)} steps"
+        # The timeline keeps no LABEL steps, so "Step n/M" counts more than are listed.
+        total = _BUILD_STEP.match(self.steps[-1]) if self.steps else None
+        count = int(total.group(1)) if total else len(self.steps)
+        if count == len(self.steps):
+            return f"Docker build, {count} steps"
+        return f"Docker build, {count} steps ({len(self.steps)} listed, labels left out)"
 
     @property
     def created_at(self) -> Any:
@@ -231,7 +240,7 @@ def _fold_build_steps(events: Iterable[Event]) -> list[Event | _FoldedSteps]:
     return folded
 
 
-_BUILD_STEP = re.compile(r"^Step \d+/\d+ : ")
+_BUILD_STEP = re.compile(r"^Step \d+/(\d+) : ")
 
 
 @login_required

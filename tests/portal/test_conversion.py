@@ -227,9 +227,16 @@ def test_mislabelled_and_unsupported_uploads_fail_at_detect_with_advice(
     npz = _process(_upload(personas, tmp_path / "arrays.npz"))
     assert npz.error_code == "unsupported_format"
     assert "sample input" in npz.error
+    (tmp_path / "model.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(100))
+    legacy = _process(_upload(personas, tmp_path / "model.h5"))
+    assert legacy.error_code == "unsupported_format"
+    assert "model.save('model.keras')" in legacy.error
+    # A LightGBM model is recognised, and refused where no container can convert it.
     (tmp_path / "model.txt").write_text("tree\nversion=v4\n")
     lgbm = _process(_upload(personas, tmp_path / "model.txt"))
-    assert "not supported yet: a LightGBM" in lgbm.error
+    assert lgbm.source_format == "lightgbm"
+    assert lgbm.error_code == "conversion_refused"
+    assert "converted only in ModelPort's isolated converter container" in lgbm.error
 
 
 def test_onnx_archive_with_external_data_is_served_from_its_folder(
@@ -258,10 +265,10 @@ def test_zip_slip_archive_fails_and_writes_nothing_outside(
     assert not list(storage.rglob("escape.onnx"))
 
 
-def test_pipeline_worker_hands_container_conversions_to_the_deploy_worker(
+def test_pipeline_worker_hands_container_conversions_to_the_convert_worker(
     personas: Personas, tmp_path: Path, settings: Any, django_capture_on_commit_callbacks: Any
 ) -> None:
-    """Only the deploy worker talks to Docker: the pipeline worker never starts a sandbox."""
+    """Only workers with Docker start sandboxes: the pipeline worker hands them on."""
     settings.MODELPORT_CONVERSION_SANDBOX = "docker"
     cm.pickle_file(tmp_path / "reg.pkl", cm.regressor())
     version = _upload(personas, tmp_path / "reg.pkl")
@@ -271,9 +278,9 @@ def test_pipeline_worker_hands_container_conversions_to_the_deploy_worker(
     assert version.status not in (VersionStatus.READY, VersionStatus.FAILED)
     assert version.attempts == 0
     assert version.source_format == "pickle"
-    assert "deploy worker" in Event.objects.filter(version=version).last().message
+    assert "convert worker" in Event.objects.filter(version=version).last().message
     assert [c.func.__self__.name for c in callbacks if hasattr(c, "func")] == [
-        "portal.deployments.tasks.version_convert"
+        "portal.registry.tasks.version_convert"
     ]
 
 

@@ -26,12 +26,14 @@ def _upload(personas: Personas, content: bytes, name: str = "model.onnx") -> Mod
 
 
 def _files_outside(version: ModelVersion) -> list[Path]:
-    """Files in storage that are not inside some version's own folder, plus any leftover
-    working files inside this version's folder."""
+    """Files in storage that are not inside some version's or batch job's own folder, plus
+    any leftover working files inside this version's folder."""
     storage = Path(settings.MODELPORT_STORAGE_DIR)
-    versions = storage / "versions"
+    owned = (storage / "versions", storage / "batch")
     stray = [
-        path for path in storage.rglob("*") if path.is_file() and not path.is_relative_to(versions)
+        path
+        for path in storage.rglob("*")
+        if path.is_file() and not any(path.is_relative_to(folder) for folder in owned)
     ]
     stray += [p for p in (version.storage_dir / "work").rglob("*") if p.is_file()]
     return stray
