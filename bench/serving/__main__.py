@@ -1,4 +1,7 @@
-"""`python -m bench.serving`: ModelPort's runtime vs mlflow models serve vs MLServer vs in-process.
+"""`python -m bench.serving`: ModelPort's runtime vs the servers a user would pick instead.
+
+Peers: mlflow models serve, MLServer, KServe's model server, BentoML and Triton (as
+nvidia-pytriton ships it, where it starts), with in-process onnxruntime as the ceiling.
 
 Closed-loop load at several concurrencies over REST JSON (wrk), REST binary (wrk with a
 binary body) and gRPC (a multi-process Python client), servers interleaved within each
@@ -32,9 +35,12 @@ from bench.serving.models import build_mlp, build_resnet50
 from bench.serving.servers import (
     REPO,
     Server,
+    start_bentoml,
+    start_kserve,
     start_mlflow,
     start_mlserver,
     start_modelport,
+    start_pytriton,
     wait_idle,
 )
 
@@ -47,7 +53,16 @@ MODELS = {
         "shape": (1, 3, 224, 224),
     },
 }
-SERVER_ORDER = ["modelport", "mlflow", "mlserver"]
+SERVER_ORDER = ["modelport", "mlflow", "mlserver", "kserve", "bentoml", "triton"]
+STARTERS = {
+    "mlflow": start_mlflow,
+    "mlserver": start_mlserver,
+    "kserve": start_kserve,
+    "bentoml": start_bentoml,
+    "triton": start_pytriton,
+}
+# The JSON body each style of server takes.
+JSON_KEYS = {"mlflow": "inputs", "bentoml": "x"}
 
 
 def in_process_rows_per_s(path: Path, shape: tuple[int, ...], batch: int, seconds: float) -> float:
@@ -102,11 +117,16 @@ def check_answer(
     """Send one request and compare with in-process onnxruntime; '' when right, else why."""
     try:
         if protocol == "json":
-            if server.json_style == "mlflow":
+            if server.json_style in JSON_KEYS:
                 _, data = _post(
-                    server.url, mlflow_json_body(x), {"Content-Type": "application/json"}
+                    server.url,
+                    mlflow_json_body(x, JSON_KEYS[server.json_style]),
+                    {"Content-Type": "application/json"},
                 )
-                got = np.array(json.loads(data)["predictions"], dtype=np.float32)
+                answer = json.loads(data)
+                if server.json_style == "mlflow":
+                    answer = answer["predictions"]
+                got = np.array(answer, dtype=np.float32)
             else:
                 _, data = _post(
                     server.url, v2_json_body(spec["input"], x), {"Content-Type": "application/json"}
@@ -158,7 +178,7 @@ def modelport_batches(server: Server) -> tuple[int, int]:
 
 def run_one(server: Server, protocol: str, bodies: dict, concurrency: int, seconds: float):
     if protocol == "json":
-        body = bodies["mlflow_json"] if server.json_style == "mlflow" else bodies["v2_json"]
+        body = bodies.get(f"{server.json_style}_json", bodies["v2_json"])
         return run_wrk(server.url, body, concurrency, seconds)
     if protocol == "binary":
         body, length = bodies["binary"]
@@ -180,9 +200,7 @@ def start_server(name: str, onnx_path: Path, model_name: str, args) -> Server | 
     if name == "modelport":
         extra = args.modelport_args.split()
         return start_modelport(onnx_path, model_name, args.workdir, extra)
-    if name == "mlflow":
-        return start_mlflow(onnx_path, model_name, args.workdir)
-    return start_mlserver(onnx_path, model_name, args.workdir)
+    return STARTERS[name](onnx_path, model_name, args.workdir)
 
 
 def fmt(value: float, digits: int = 0) -> str:
@@ -248,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             bodies = {
                 "v2_json": v2_json_body(spec["input"], x),
                 "mlflow_json": mlflow_json_body(x),
+                "bentoml_json": mlflow_json_body(x, "x"),
                 "binary": v2_binary_body(spec["input"], x, spec["output"]),
                 "grpc": {
                     s.name: grpc_request_bytes(pb, model_name, spec["input"], x) for s in servers
@@ -261,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                     if protocol == "grpc" and not server.grpc_port:
                         supported[(server.name, protocol)] = "no gRPC endpoint"
                         continue
-                    if protocol == "binary" and server.json_style == "mlflow":
+                    if protocol == "binary" and server.json_style in JSON_KEYS:
                         supported[(server.name, protocol)] = "no V2 binary extension"
                         continue
                     supported[(server.name, protocol)] = check_answer(

@@ -46,10 +46,11 @@ def v2_json_body(input_name: str, x: np.ndarray) -> bytes:
     ).encode()
 
 
-def mlflow_json_body(x: np.ndarray) -> bytes:
-    # mlflow's "inputs" format takes a (nested) list; send the tensor with its batch axis.
+def mlflow_json_body(x: np.ndarray, key: str = "inputs") -> bytes:
+    """``{key: nested list}``: mlflow's "inputs" format, and BentoML's ``{"x": ...}``."""
+    # Send the tensor with its batch axis.
     nested = x.tolist()
-    text = json.dumps({"inputs": nested})
+    text = json.dumps({key: nested})
     # Shorten floats the same way as for V2 bodies so both parse the same digits.
     text = re.sub(r"-?\d+\.\d+(?:e[-+]?\d+)?", lambda m: f"{float(m.group()):.9g}", text)
     return text.encode()

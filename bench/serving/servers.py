@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -12,11 +13,16 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 PEERS_VENV = REPO / "bench" / ".venv-peers"
+# KServe, BentoML and PyTriton each pin their own web stack: one venv apiece.
+KSERVE_VENV = REPO / "bench" / ".venv-kserve"
+BENTOML_VENV = REPO / "bench" / ".venv-bentoml"
+PYTRITON_VENV = REPO / "bench" / ".venv-pytriton"
 
 
 def free_port() -> int:
@@ -35,7 +41,8 @@ class Server:
     http_port: int
     grpc_port: int = 0
     infer_path: str = ""
-    # "v2" (Open Inference Protocol JSON) or "mlflow" ({"inputs": ...} on /invocations)
+    # "v2" (Open Inference Protocol JSON), "mlflow" ({"inputs": ...} on /invocations) or
+    # "bentoml" ({"x": ...} on /predict, answered by a bare JSON list)
     json_style: str = "v2"
     binary: bool = False
     log: Path | None = None
@@ -284,3 +291,103 @@ def start_mlserver(onnx_path: Path, name: str, workdir: Path) -> Server | None:
     )
     _wait_http(f"http://127.0.0.1:{http_port}/v2/models/{name}/ready", proc, log)
     return server
+
+
+def _start_v2_peer(
+    label: str, venv: Path, name: str, workdir: Path, args: Callable[[int, int], list[str]]
+) -> Server | None:
+    """A peer in its own venv that speaks V2 REST and gRPC on two ports (None: not there,
+    or it did not start; the reason is printed)."""
+    python = venv / "bin" / "python"
+    if not python.exists():
+        print(f"{label} not installed in {venv}; skipping it (see README)", flush=True)
+        return None
+    http_port, grpc_port = free_port(), free_port()
+    log = workdir / f"{label.lower()}-{name}.log"
+    proc = _spawn([str(python), *args(http_port, grpc_port)], log, cwd=workdir)
+    server = Server(
+        label.lower(),
+        name,
+        proc,
+        http_port,
+        grpc_port,
+        infer_path=f"/v2/models/{name}/infer",
+        binary=True,
+        log=log,
+    )
+    try:
+        _wait_http(f"http://127.0.0.1:{http_port}/v2/models/{name}/ready", proc, log)
+    except RuntimeError:
+        server.stop()
+        print(f"{label} did not start here: {_first_error(log)}", flush=True)
+        return None
+    return server
+
+
+def start_kserve(onnx_path: Path, name: str, workdir: Path) -> Server | None:
+    """KServe's Python model server (bench/.venv-kserve) with ``kserve_model.py``.
+
+    Its defaults: one uvicorn worker, REST and gRPC both on (KServe's own documentation runs
+    custom predictors this way; more workers fork the model per process)."""
+    return _start_v2_peer(
+        "KServe",
+        KSERVE_VENV,
+        name,
+        workdir,
+        lambda http, grpc: [
+            str(Path(__file__).with_name("kserve_model.py")),
+            "--model_name", name, "--model_path", str(onnx_path),
+            "--http_port", str(http), "--grpc_port", str(grpc),
+            # Per-request latency logging is on by default; the access log stays on, as ours.
+            "--enable_latency_logging", "false",
+        ],
+    )  # fmt: skip
+
+
+def start_bentoml(onnx_path: Path, name: str, workdir: Path) -> Server | None:
+    """``bentoml serve`` (bench/.venv-bentoml) on ``bento_service.py``: REST JSON only."""
+    binary = BENTOML_VENV / "bin" / "bentoml"
+    if not binary.exists():
+        print(f"BentoML not installed in {BENTOML_VENV}; skipping it (see README)", flush=True)
+        return None
+    port = free_port()
+    log = workdir / f"bentoml-{name}.log"
+    command = [str(binary), "serve", "bento_service:OnnxService", "--port", str(port)]
+    env = {"BENCH_ONNX": str(onnx_path), "BENTOML_HOME": str(workdir / "bentoml-home")}
+    proc = _spawn(command, log, env=env, cwd=Path(__file__).parent)
+    server = Server(
+        "bentoml", name, proc, port, infer_path="/predict", json_style="bentoml", log=log
+    )
+    _wait_http(f"http://127.0.0.1:{port}/readyz", proc, log)
+    return server
+
+
+def start_pytriton(onnx_path: Path, name: str, workdir: Path) -> Server | None:
+    """Triton's own server as ``nvidia-pytriton`` ships it (bench/.venv-pytriton).
+
+    PyTriton binds a Python function to Triton's C++ server through Triton's Python
+    backend; where that backend's stub cannot start on this interpreter, this returns
+    None and prints Triton's own reason."""
+    return _start_v2_peer(
+        "Triton",
+        PYTRITON_VENV,
+        name,
+        workdir,
+        lambda http, grpc: [
+            str(Path(__file__).with_name("pytriton_model.py")),
+            name, str(onnx_path), str(http), str(grpc),
+        ],
+    )  # fmt: skip
+
+
+def _first_error(log: Path) -> str:
+    """The exception that stopped a server, from its log (Triton quotes Python tracebacks
+    inside one log line, with escaped newlines)."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    for line in text.splitlines():
+        if "failed to load" in line or "Traceback" in line:
+            found = re.findall(r"([A-Z]\w*(?:Error|Exception): [^\\\"\n]+)", line)
+            if found:
+                return found[-1].strip()[:300]
+    lines = text.strip().splitlines()
+    return lines[-1].strip()[:300] if lines else "no output"
