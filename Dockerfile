@@ -15,7 +15,7 @@ RUN python -m pip install -e . \
     && MODELPORT_SECRET_KEY=collectstatic-only MODELPORT_DATA_DIR=/tmp/build \
        python manage.py collectstatic --no-input -v 0 \
     && useradd --system --uid 10001 --home /app modelport \
-    && mkdir -p /data && chown modelport /data
+    && mkdir -p /data/keys && chown modelport /data /data/keys
 USER modelport
 EXPOSE 8000
-CMD ["gunicorn", "portal.wsgi:application", "--bind", "0.0.0.0:8000", "--workers", "2", "--threads", "4", "--timeout", "900"]
+CMD ["gunicorn", "portal.asgi:application", "--worker-class", "uvicorn_worker.UvicornWorker", "--bind", "0.0.0.0:8000", "--workers", "2", "--timeout", "900"]

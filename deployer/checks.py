@@ -7,7 +7,7 @@ answers a recorded input with the recorded output.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,13 +35,14 @@ def wait_until_ready(
     timeout_s: float,
     still_running: Callable[[], bool],
     describe_failure: Callable[[], str],
+    headers: Mapping[str, str] | None = None,
 ) -> float:
     """Poll the model's ready endpoint; return the seconds it took."""
     started = time.monotonic()
     url = f"{base_url}/v2/models/{model_name}/ready"
     while True:
         try:
-            if requests.get(url, timeout=2).status_code == 200:
+            if requests.get(url, timeout=2, headers=headers).status_code == 200:
                 return time.monotonic() - started
         except requests.RequestException:
             pass
@@ -71,13 +72,24 @@ def v2_request(inputs: Arrays) -> dict[str, Any]:
 
 
 def check_known_answer(
-    base_url: str, model_name: str, known_answer: Path, *, tolerance: Tolerance = Tolerance()
+    base_url: str,
+    model_name: str,
+    known_answer: Path,
+    *,
+    tolerance: Tolerance = Tolerance(),
+    headers: Mapping[str, str] | None = None,
 ) -> None:
-    """Send the recorded input and compare every output with the recorded one."""
+    """Send the recorded input and compare every output with the recorded one.
+
+    ``headers`` carries the portal's own inference key to a private deployment.
+    """
     inputs, expected = load_known_answer(known_answer)
     try:
         response = requests.post(
-            f"{base_url}/v2/models/{model_name}/infer", json=v2_request(inputs), timeout=30
+            f"{base_url}/v2/models/{model_name}/infer",
+            json=v2_request(inputs),
+            timeout=30,
+            headers=headers,
         )
     except requests.RequestException as exc:
         raise LaunchError(f"The known-answer inference could not be sent: {exc}") from exc

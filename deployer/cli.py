@@ -1,4 +1,5 @@
-"""``modelport``: push, deploy, inspect and roll back models from a CI pipeline.
+"""``modelport``: push, deploy, inspect and roll back models, manage inference keys, and
+call deployments (``infer``, deployer/async_cli.py).
 
 It talks only to the REST API. Server and token come from ``--url``/``--token`` or
 ``MODELPORT_URL``/``MODELPORT_TOKEN``. Exit codes are stable, for pipelines:
@@ -19,9 +20,12 @@ import argparse
 import json
 import os
 import sys
+import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from deployer.async_cli import add_infer_parser
 from deployer.client import Client, ClientError, WaitTimeout
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_AUTH, EXIT_NOT_FOUND, EXIT_REFUSED = 0, 1, 2, 3, 4, 5
@@ -59,9 +63,13 @@ def _exit_code(error: ClientError) -> int:
 
 def _deploy_and_wait(
     client: Client, out: Output, *, model: str, number: int, deployment: str, device: str,
-    wait: bool, timeout: float,
+    wait: bool, timeout: float, min_replicas: int | None = None,
+    max_replicas: int | None = None,
 ) -> tuple[int, dict[str, Any]]:  # fmt: skip
-    accepted = client.deploy(model, number, deployment=deployment, device=device)
+    accepted = client.deploy(
+        model, number, deployment=deployment, device=device,
+        min_replicas=min_replicas, max_replicas=max_replicas,
+    )  # fmt: skip
     dep, revision = accepted["deployment"], accepted["revision"]
     out.progress(f"Deploying {model} v{number} to {deployment} (revision {revision['id']})…")
     if not wait:
@@ -130,6 +138,7 @@ def cmd_deploy(client: Client, args: argparse.Namespace, out: Output) -> int:
     code, document = _deploy_and_wait(
         client, out, model=args.model, number=args.version, deployment=args.deployment,
         device=args.device, wait=args.wait, timeout=args.timeout,
+        min_replicas=args.min_replicas, max_replicas=args.max_replicas,
     )  # fmt: skip
     out.result(document, f"{args.model} v{args.version} → {args.deployment}: "
                f"{document['revision']['status']}")  # fmt: skip
@@ -152,7 +161,8 @@ def cmd_status(client: Client, args: argparse.Namespace, out: Output) -> int:
         lines = [f"{model['name']}: {len(versions)} version(s)"]
         lines += [f"  v{v['number']}: {v['status']}" for v in versions[:10]]
         lines += [
-            f"  {d['name']}: {d['status']} v{d['current_version']} {d['endpoint_url']}"
+            f"  {d['name']}: {d['status']} v{d['current_version']} {d['endpoint_url']} "
+            f"({_replicas_line(d)})"
             for d in deployments
         ]
         out.result(
@@ -165,6 +175,37 @@ def cmd_status(client: Client, args: argparse.Namespace, out: Output) -> int:
         for d in deployments
     ] or ["No deployments."]
     out.result({"deployments": deployments}, "\n".join(lines))
+    return EXIT_OK
+
+
+def _replicas_line(deployment: dict[str, Any]) -> str:
+    ready = sum(1 for r in deployment.get("replicas", []) if r["state"] == "ready")
+    return f"{ready}/{deployment.get('min_replicas', 1)} replicas ready"
+
+
+def cmd_scale(client: Client, args: argparse.Namespace, out: Output) -> int:
+    deployment = client.deployment_find(args.model, args.deployment)
+    fields = {"min_replicas": args.min}
+    if args.max is not None:
+        fields["max_replicas"] = args.max
+    updated = client.deployment_update(deployment["id"], **fields)
+    out.progress(
+        f"{args.model}/{args.deployment}: {updated['min_replicas']}..{updated['max_replicas']} "
+        "replicas"
+    )
+    if args.wait:
+        deadline = time.monotonic() + args.timeout
+        while True:
+            updated = client.deployment(deployment["id"])
+            ready = sum(1 for r in updated["replicas"] if r["state"] == "ready")
+            if ready == updated["min_replicas"] and updated["status"] == "running":
+                break
+            if time.monotonic() > deadline:
+                out.result({"deployment": updated}, f"Timed out: {_replicas_line(updated)}")
+                return EXIT_TIMEOUT
+            time.sleep(1)
+    summary = f"{args.model}/{args.deployment}: {_replicas_line(updated)}"
+    out.result({"deployment": updated}, summary)
     return EXIT_OK
 
 
@@ -194,6 +235,104 @@ def cmd_logs(client: Client, args: argparse.Namespace, out: Output) -> int:
         return EXIT_OK
     logs = client.logs(deployment["id"], tail=args.tail)
     out.result(logs, logs["lines"].rstrip("\n") or "No log lines yet.")
+    return EXIT_OK
+
+
+def _key_id(text: str) -> int:
+    """A key's id as ``list`` shows it: ``12`` or ``k_12``."""
+    return int(text.removeprefix("k_"))
+
+
+def cmd_keys(client: Client, args: argparse.Namespace, out: Output) -> int:
+    if args.action == "create":
+        expires_at = None
+        if args.expires_days is not None:
+            expires_at = (datetime.now(UTC) + timedelta(days=args.expires_days)).isoformat()
+        key = client.key_create(
+            args.name,
+            deployment=args.deployment,
+            expires_at=expires_at,
+            rate_per_s=args.rate,
+            burst=args.burst,
+        )
+        out.progress("Copy the key now: it is shown only once.")
+        out.result(key, key["key"])
+        return EXIT_OK
+    if args.action == "revoke":
+        key = client.key_revoke(_key_id(args.id))
+        out.result(key, f"Revoked {key['name']} ({key['prefix']}…).")
+        return EXIT_OK
+    keys = client.keys()
+    rows = [
+        f"{k['key_id']:<8} {k['state']:<8} {k['prefix']}…  {k['name']}"
+        + (f"  deployment {k['deployment']}" if k["deployment"] else "")
+        + (f"  expires {k['expires_at']}" if k["expires_at"] else "")
+        + (f"  last used {k['last_used_at']}" if k["last_used_at"] else "")
+        for k in keys
+    ]
+    out.result({"keys": keys}, "\n".join(rows) or "No inference keys yet.")
+    return EXIT_OK
+
+
+def _batch_line(job: dict[str, Any]) -> str:
+    eta = job.get("eta_s")
+    left = f", {eta:.0f} s left" if isinstance(eta, int | float) else ""
+    return (
+        f"batch job {job['id']}: {job['status']}, {job['rows_done']}/{job['total_rows']} rows "
+        f"({job['percent']}%), {job['rows_per_s']:.0f} rows/s{left}, {job['errors']} errors"
+    )
+
+
+def cmd_batch(client: Client, args: argparse.Namespace, out: Output) -> int:
+    path = Path(args.file)
+    if not path.is_file():
+        print(f"modelport: {path} is not a file", file=sys.stderr)
+        return EXIT_USAGE
+    mapping = None
+    if args.mapping:
+        try:
+            mapping = json.loads(args.mapping)
+        except ValueError as exc:
+            print(f"modelport: --mapping is not JSON: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    out.progress(f"Uploading {path.name} to score with {args.model} v{args.version}…")
+    job = client.batch_create(
+        args.model, args.version, path, mapping=mapping, chunk_rows=args.chunk_rows,
+        max_errors=args.max_errors,
+    )  # fmt: skip
+    out.progress(
+        f"Batch job {job['id']} queued: {job['total_rows']} rows, mapping {job['mapping']}"
+    )
+    if not (args.wait or args.output):
+        out.result({"job": job}, f"batch job {job['id']} {job['status']}")
+        return EXIT_OK
+    seen = [""]
+
+    def show(current: dict[str, Any]) -> None:
+        line = _batch_line(current)
+        if line != seen[0]:
+            seen[0] = line
+            out.progress(line)
+
+    job = client.wait_batch(job["id"], timeout_s=args.timeout, on_poll=show)
+    document: dict[str, Any] = {"job": job}
+    if job["status"] != "succeeded":
+        for error in job.get("first_errors") or []:
+            out.progress(f"  row {error['row']}: {error['error']}")
+        out.result(document, f"batch job {job['id']} {job['status']}: {job['error']}")
+        return EXIT_FAILED
+    if args.output:
+        target = Path(args.output)
+        if target.is_dir():
+            target = target / job["output_name"]
+        size = client.batch_download(job["id"], target)
+        document["output"] = str(target)
+        out.progress(f"Wrote {target} ({size} bytes, sha256 {job['output_sha256'][:12]}…)")
+    out.result(
+        document,
+        f"batch job {job['id']} succeeded: {job['rows_done']} rows, {job['errors']} errors"
+        + (f", output {document['output']}" if "output" in document else ""),
+    )
     return EXIT_OK
 
 
@@ -237,7 +376,11 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--model", required=True)
     push.add_argument("--description", help="Description if the model is created.")
     push.add_argument("--format", help="The file's format, if not detected.")
-    push.add_argument("--sample", help="A sample input (.npy, .npz or JSON).")
+    push.add_argument(
+        "--sample",
+        help="A sample input (.npy, .npz or JSON): the conversion proof, and the warm-up "
+        "input and known answer of every deployment of the version.",
+    )
     push.add_argument("--wait", action="store_true", help="Wait until the version is ready.")
     push.add_argument("--deploy", metavar="NAME", help="Then deploy it (implies --wait).")
     push.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
@@ -249,6 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--deployment", default="production")
     deploy.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     deploy.add_argument("--wait", action="store_true")
+    deploy.add_argument("--min-replicas", type=int, help="Instances that serve it (default 1).")
+    deploy.add_argument("--max-replicas", type=int, help="Upper bound (default: the minimum).")
     deploy.set_defaults(handler=cmd_deploy)
 
     status = commands.add_parser(
@@ -267,6 +412,14 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("--wait", action="store_true")
     rollback.set_defaults(handler=cmd_rollback)
 
+    scale = commands.add_parser("scale", parents=sub, help="Change a deployment's replicas.")
+    scale.add_argument("--model", required=True)
+    scale.add_argument("--deployment", default="production")
+    scale.add_argument("--min", type=int, required=True, help="Replicas that serve it.")
+    scale.add_argument("--max", type=int, help="Upper bound (default: at least --min).")
+    scale.add_argument("--wait", action="store_true", help="Wait until that many are ready.")
+    scale.set_defaults(handler=cmd_scale)
+
     logs = commands.add_parser("logs", parents=sub, help="Show a deployment's instance log.")
     logs.add_argument("--model", required=True)
     logs.add_argument("--deployment", default="production")
@@ -275,6 +428,36 @@ def build_parser() -> argparse.ArgumentParser:
         "--follow", "-f", action="store_true", help="Keep printing new lines as they come."
     )
     logs.set_defaults(handler=cmd_logs)
+
+    batch = commands.add_parser(
+        "batch", parents=sub, help="Score a dataset file with a model version (a batch job)."
+    )
+    batch.add_argument("file", help="A .csv, .parquet, .jsonl, .npy or .npz file.")
+    batch.add_argument("--model", required=True)
+    batch.add_argument("--version", type=int, required=True)
+    batch.add_argument(
+        "--mapping", help='Input -> column(s) as JSON, e.g. \'{"input": ["a", "b", "c", "d"]}\'.'
+    )
+    batch.add_argument("--chunk-rows", type=int, help="Rows per chunk (server default 4096).")
+    batch.add_argument("--max-errors", type=int, help="Rows allowed to fail (-1: any number).")
+    batch.add_argument("--wait", action="store_true", help="Show progress until it ends.")
+    batch.add_argument("--output", help="Download the output here (a file or a folder).")
+    batch.set_defaults(handler=cmd_batch)
+
+    keys = commands.add_parser("keys", parents=sub, help="Create, list and revoke inference keys.")
+    actions = keys.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", parents=sub, help="Create a key (printed once).")
+    create.add_argument("--name", required=True)
+    create.add_argument("--deployment", type=int, help="Only this deployment (its id).")
+    create.add_argument("--expires-days", type=int, help="Expire after this many days.")
+    create.add_argument("--rate", type=float, help="Requests per second allowed (429 above).")
+    create.add_argument("--burst", type=int, help="Requests allowed at once above the rate.")
+    actions.add_parser("list", parents=sub, help="List the team's keys.")
+    revoke = actions.add_parser("revoke", parents=sub, help="Revoke a key (works in seconds).")
+    revoke.add_argument("id", help="The key's id (12 or k_12).")
+    keys.set_defaults(handler=cmd_keys)
+
+    add_infer_parser(commands, sub)
     return parser
 
 

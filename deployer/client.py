@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -13,6 +14,7 @@ import requests
 
 FINAL_VERSION = {"ready", "failed"}
 FINAL_REVISION = {"live", "failed", "superseded", "stopped"}
+FINAL_BATCH = {"succeeded", "failed", "cancelled"}
 
 
 class ClientError(Exception):
@@ -138,11 +140,30 @@ class Client:
         )
 
     # ------------------------------------------------------------ deployments
-    def deploy(self, model: str, number: int, *, deployment: str, device: str) -> dict[str, Any]:
+    def deploy(
+        self,
+        model: str,
+        number: int,
+        *,
+        deployment: str,
+        device: str,
+        min_replicas: int | None = None,
+        max_replicas: int | None = None,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"deployment": deployment, "device": device}
+        if min_replicas is not None:
+            body["min_replicas"] = min_replicas
+        if max_replicas is not None:
+            body["max_replicas"] = max_replicas
         result: dict[str, Any] = self._request(
-            "POST",
-            f"models/{model}/versions/{number}/deploy",
-            json={"deployment": deployment, "device": device},
+            "POST", f"models/{model}/versions/{number}/deploy", json=body
+        )
+        return result
+
+    def deployment_update(self, deployment_id: int, **fields: Any) -> dict[str, Any]:
+        """PATCH a deployment (``public``, ``min_replicas``, ``max_replicas``)."""
+        result: dict[str, Any] = self._request(
+            "PATCH", f"deployments/{deployment_id}/", json=fields
         )
         return result
 
@@ -181,6 +202,37 @@ class Client:
         )
         return result
 
+    # ------------------------------------------------------------ inference keys
+    def keys(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._request("GET", "keys/")
+        return result
+
+    def key_create(
+        self,
+        name: str,
+        *,
+        deployment: int | None = None,
+        expires_at: str | None = None,
+        rate_per_s: float | None = None,
+        burst: int | None = None,
+    ) -> dict[str, Any]:
+        """A new inference key; the answer's ``key`` is the only time it is shown."""
+        body = {
+            "name": name,
+            "deployment": deployment,
+            "expires_at": expires_at,
+            "rate_per_s": rate_per_s,
+            "burst": burst,
+        }
+        result: dict[str, Any] = self._request(
+            "POST", "keys/", json={k: v for k, v in body.items() if v is not None}
+        )
+        return result
+
+    def key_revoke(self, key_id: int) -> dict[str, Any]:
+        result: dict[str, Any] = self._request("DELETE", f"keys/{key_id}/")
+        return result
+
     def follow_logs(self, deployment_id: int, *, tail: int = 200) -> Iterator[str]:
         """The last ``tail`` lines, then each new one while the deployment runs on the same
         instance (the server ends the stream after a rollout or its time limit)."""
@@ -214,6 +266,86 @@ class Client:
             poll_s=self.poll_s,
             what=f"the rollout of revision {revision_id}",
         )
+
+    # ------------------------------------------------------------ batch jobs
+    def batch_create(
+        self,
+        model: str,
+        number: int,
+        file: Path,
+        *,
+        mapping: dict[str, Any] | None = None,
+        chunk_rows: int | None = None,
+        max_errors: int | None = None,
+    ) -> dict[str, Any]:
+        """Upload a dataset and queue its batch job (refused at once on a mapping mismatch)."""
+        data: dict[str, Any] = {"model": model, "version": str(number)}
+        if mapping:
+            data["mapping"] = json.dumps(mapping)
+        if chunk_rows is not None:
+            data["chunk_rows"] = str(chunk_rows)
+        if max_errors is not None:
+            data["max_errors"] = str(max_errors)
+        with file.open("rb") as handle:
+            result: dict[str, Any] = self._request(
+                "POST",
+                "batch-jobs/",
+                files={"file": (file.name, handle)},
+                data=data,
+                timeout=max(self.timeout_s, 3600),
+            )
+        return result
+
+    def batch_job(self, job_id: int) -> dict[str, Any]:
+        result: dict[str, Any] = self._request("GET", f"batch-jobs/{job_id}/")
+        return result
+
+    def batch_cancel(self, job_id: int) -> dict[str, Any]:
+        result: dict[str, Any] = self._request("POST", f"batch-jobs/{job_id}/cancel")
+        return result
+
+    def wait_batch(
+        self,
+        job_id: int,
+        *,
+        timeout_s: float,
+        on_poll: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        def fetch() -> dict[str, Any]:
+            job = self.batch_job(job_id)
+            if on_poll is not None:
+                on_poll(job)
+            return job
+
+        return _wait(
+            fetch,
+            lambda j: j["status"] in FINAL_BATCH,
+            timeout_s=timeout_s,
+            poll_s=self.poll_s,
+            what=f"batch job {job_id}",
+        )
+
+    def batch_download(self, job_id: int, target: Path) -> int:
+        """Stream the job's output into ``target`` (replaced whole); return its bytes."""
+        try:
+            response = requests.get(
+                self._url(f"batch-jobs/{job_id}/output"),
+                headers={"Authorization": f"Token {self.token}"},
+                stream=True,
+                timeout=(self.timeout_s, 3600),
+            )
+        except requests.RequestException as exc:
+            raise self._unreachable(exc) from exc
+        scratch = target.with_name(target.name + ".part")
+        written = 0
+        with response:
+            _raise_for_error(response)
+            with scratch.open("wb") as out:
+                for block in response.iter_content(1 << 20):
+                    out.write(block)
+                    written += len(block)
+        scratch.replace(target)
+        return written
 
 
 def _file_handles(kwargs: dict[str, Any]) -> list[Any]:

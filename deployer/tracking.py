@@ -20,6 +20,8 @@ from urllib.parse import quote
 from deployer.errors import TrackingError
 
 VERSION_TAG = "modelport_version_uid"
+# On versions deleted in ModelPort (and on registered models of deleted models).
+DELETED_TAG = "modelport_deleted"
 LOGGED_MODEL_TAG = "modelport_logged_model_uri"
 _lock = threading.Lock()
 
@@ -232,3 +234,111 @@ def record_build(
             metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()],
             tags=[RunTag(key, value) for key, value in tags.items()],
         )
+
+
+def _not_found(exc: Exception) -> bool:
+    code = str(getattr(exc, "error_code", ""))
+    return code == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(exc).lower()
+
+
+def version_mark_deleted(
+    target: TrackingTarget, registered_model: str, version: str, *, deleted_at: str
+) -> list[str]:
+    """Tag a registered version ``modelport_deleted=true`` and drop the aliases on it.
+
+    The version itself stays in MLflow: its run, metrics and artifacts are the
+    audit trail of what was served. Returns the aliases removed. Idempotent; a
+    version MLflow no longer has counts as marked.
+    """
+    from mlflow.exceptions import MlflowException
+
+    with _lock, _mlflow_errors(f"mark version {version} of {registered_model} deleted"):
+        client = _client(target)
+        try:
+            found = client.get_model_version(registered_model, version)
+        except MlflowException as exc:
+            if _not_found(exc):
+                return []
+            raise
+        client.set_model_version_tag(registered_model, version, DELETED_TAG, "true")
+        client.set_model_version_tag(registered_model, version, f"{DELETED_TAG}_at", deleted_at)
+        removed = []
+        for alias in list(getattr(found, "aliases", []) or []):
+            client.delete_registered_model_alias(registered_model, alias)
+            removed.append(str(alias))
+        return removed
+
+
+def registered_model_mark_deleted(
+    target: TrackingTarget, registered_model: str, *, deleted_at: str
+) -> int:
+    """Mark a deleted model: the registered model and each of its versions get the tag.
+
+    Returns how many versions were marked; a registered model MLflow does not have
+    counts as done.
+    """
+    from mlflow.exceptions import MlflowException
+
+    with _lock, _mlflow_errors(f"mark {registered_model} deleted"):
+        client = _client(target)
+        try:
+            client.get_registered_model(registered_model)
+        except MlflowException as exc:
+            if _not_found(exc):
+                return 0
+            raise
+        client.set_registered_model_tag(registered_model, DELETED_TAG, "true")
+        client.set_registered_model_tag(registered_model, f"{DELETED_TAG}_at", deleted_at)
+        versions = client.search_model_versions(f"name = '{registered_model}'")
+        for found in versions:
+            client.set_model_version_tag(registered_model, found.version, DELETED_TAG, "true")
+            for alias in list(getattr(found, "aliases", []) or []):
+                client.delete_registered_model_alias(registered_model, alias)
+        return len(versions)
+
+
+BATCH_JOB_TAG = "modelport_batch_job_uid"
+
+
+@dataclass(frozen=True)
+class BatchRunRecord:
+    """One finished batch job, recorded as a run nested under its version's run."""
+
+    target: TrackingTarget
+    registered_model: str
+    job_uid: str
+    run_name: str
+    # The version's own run: the batch run is its child (MLflow shows it under it).
+    parent_run_id: str = ""
+    params: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def record_batch_run(record: BatchRunRecord) -> str:
+    """Record a batch job's run (found by its job tag when it exists); return the run id."""
+    with _lock, _mlflow_errors("record the batch job"):
+        client = _client(record.target)
+        experiment_id = _experiment_id(client, record.target)
+        found = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.{BATCH_JOB_TAG} = '{record.job_uid}'",
+            max_results=1,
+        )
+        if found:
+            return str(found[0].info.run_id)
+        tags = {
+            BATCH_JOB_TAG: record.job_uid,
+            "modelport_registered_model": record.registered_model,
+            **record.tags,
+        }
+        if record.parent_run_id:
+            tags["mlflow.parentRunId"] = record.parent_run_id
+        run = client.create_run(experiment_id, run_name=record.run_name, tags=tags)
+        run_id = str(run.info.run_id)
+        for key, value in record.params.items():
+            client.log_param(run_id, key, value)
+        for key, number in record.metrics.items():
+            client.log_metric(run_id, key, number)
+        client.set_terminated(run_id)
+        return run_id

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import re
 import secrets
+from datetime import timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
@@ -66,6 +68,7 @@ INSTALLED_APPS = [
     "portal.registry",
     "portal.deployments",
     "portal.monitoring",
+    "axes",
 ]
 
 MIDDLEWARE = [
@@ -79,10 +82,13 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
     "portal.accounts.middleware.CurrentTeamMiddleware",
+    # Last, as django-axes asks: turns a locked-out sign-in into its 429 page.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "portal.urls"
 WSGI_APPLICATION = "portal.wsgi.application"
+ASGI_APPLICATION = "portal.asgi.application"
 
 TEMPLATES = [
     {
@@ -121,6 +127,10 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+AUTHENTICATION_BACKENDS = [
+    "portal.accounts.backends.SignInLockoutBackend",
+    "django.contrib.auth.backends.ModelBackend",
 ]
 LOGIN_URL = "accounts:login"
 LOGIN_REDIRECT_URL = "registry:model_list"
@@ -174,6 +184,16 @@ REST_FRAMEWORK = {
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
     "PAGE_SIZE": 50,
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+    "DEFAULT_THROTTLE_CLASSES": [
+        "rest_framework.throttling.AnonRateThrottle",
+        "rest_framework.throttling.UserRateThrottle",
+    ],
+    "DEFAULT_THROTTLE_RATES": {
+        "anon": env_str("MODELPORT_API_ANON_RATE", "60/min"),
+        "user": env_str("MODELPORT_API_RATE", "1200/min"),
+        # Creating API tokens and inference keys (API and pages).
+        "credentials": env_str("MODELPORT_CREDENTIALS_RATE", "20/hour"),
+    },
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "ModelPort API",
@@ -220,12 +240,9 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "pipeline"
-CELERY_TASK_ROUTES = {
-    "portal.registry.tasks.*": {"queue": "pipeline"},
-    "portal.deployments.tasks.*": {"queue": "deploy"},
-    "portal.core.tasks.*": {"queue": "deploy"},
-    "portal.monitoring.tasks.*": {"queue": "deploy"},
-}
+# No routes by module name: each task declares its queue on its decorator (portal/celery.py
+# lists the queues and what runs on each).
+CELERY_TASK_ROUTES: dict[str, dict[str, str]] = {}
 CELERY_BEAT_SCHEDULE = {
     "reconcile": {
         "task": "portal.core.tasks.reconcile",
@@ -236,6 +253,19 @@ CELERY_BEAT_SCHEDULE["metrics"] = {
     "task": "portal.monitoring.tasks.metrics_scrape",
     "schedule": env_float("MODELPORT_METRICS_SECONDS", 10.0),
 }
+# Storage GC: what deleted versions and models left (files, images, containers).
+CELERY_BEAT_SCHEDULE["storage-gc"] = {
+    "task": "portal.registry.tasks.storage_collect",
+    "schedule": env_float("MODELPORT_GC_SECONDS", 3600.0),
+    "options": {"queue": "deploy"},
+}
+# Batch jobs whose worker died (row untouched, lock free) go back to a batch worker.
+CELERY_BEAT_SCHEDULE["batch-resume"] = {
+    "task": "portal.deployments.tasks.batch_jobs_resume",
+    "schedule": env_float("MODELPORT_BATCH_RESUME_SECONDS", 60.0),
+}
+# Per deployment, the last N versions that went live stay deletable-proof for rollback.
+MODELPORT_RETENTION_VERSIONS = env_int("MODELPORT_RETENTION_VERSIONS", 3, minimum=1)
 MODELPORT_IDEMPOTENCY_HOURS = env_int("MODELPORT_IDEMPOTENCY_HOURS", 24, minimum=1)
 MODELPORT_METRICS_RETENTION_HOURS = env_int("MODELPORT_METRICS_RETENTION_HOURS", 24, minimum=1)
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
@@ -259,7 +289,16 @@ MLFLOW_UI_URL = (
 # Where serving instances run: local processes, Docker containers, or auto (Docker
 # when the deploy worker finds an engine that answers, else local processes).
 # Docker when the deploy worker finds an engine, local processes when it does not.
-MODELPORT_RUNTIME = env_choice("MODELPORT_RUNTIME", "auto", ("local", "docker", "auto"))
+# ``kubernetes``: Deployments on a cluster (the ``kubernetes`` extra; README, "Running on
+# Kubernetes").
+MODELPORT_RUNTIME = env_choice(
+    "MODELPORT_RUNTIME", "auto", ("local", "docker", "auto", "kubernetes")
+)
+MODELPORT_KUBECONFIG = env_str("MODELPORT_KUBECONFIG", "")  # empty: in-cluster credentials
+MODELPORT_KUBE_NAMESPACE = env_str("MODELPORT_KUBE_NAMESPACE", "modelport-serving")
+MODELPORT_KUBE_REGISTRY = env_str("MODELPORT_KUBE_REGISTRY", "")
+MODELPORT_KUBE_IMAGE_PULL_SECRET = env_str("MODELPORT_KUBE_IMAGE_PULL_SECRET", "")
+MODELPORT_KUBE_KSERVE = env_bool("MODELPORT_KUBE_KSERVE", False)
 MODELPORT_SERVING_HOST = env_str("MODELPORT_SERVING_HOST", "127.0.0.1")
 
 
@@ -296,6 +335,15 @@ MODELPORT_GPU_ONNXRUNTIME = env_str("MODELPORT_GPU_ONNXRUNTIME", "")
 # are published on; the size of their /tmp; the default process limit of a deployment.
 MODELPORT_DOCKER_NETWORK = env_str("MODELPORT_DOCKER_NETWORK", "")
 MODELPORT_DOCKER_PUBLISH_HOST = env_str("MODELPORT_DOCKER_PUBLISH_HOST", "127.0.0.1")
+# The Docker host's path of DATA_DIR, when the workers run in containers (docker-compose
+# bind-mounts it): folders mounted into serving containers (keys) are named by it.
+MODELPORT_DOCKER_HOST_DATA_DIR = env_str("MODELPORT_DOCKER_HOST_DATA_DIR", "")
+# A named volume mounted at DATA_DIR/keys in the workers (docker-compose): serving
+# containers mount it read-only instead of a host folder.
+MODELPORT_DOCKER_KEYS_VOLUME = env_str("MODELPORT_DOCKER_KEYS_VOLUME", "")
+# The GPUs serving containers may be given ("0,1,2,3" or GPU UUIDs); empty: what
+# nvidia-smi lists on the deploy worker's host.
+MODELPORT_GPU_DEVICES = env_str("MODELPORT_GPU_DEVICES", "")
 MODELPORT_CONTAINER_TMPFS_MB = env_int("MODELPORT_CONTAINER_TMPFS_MB", 64, minimum=1)
 MODELPORT_CONTAINER_PIDS_LIMIT = env_int("MODELPORT_CONTAINER_PIDS_LIMIT", 256, minimum=16)
 # How long a replaced instance may finish the requests it holds before it is stopped.
@@ -304,20 +352,88 @@ MODELPORT_DRAIN_S = env_int("MODELPORT_DRAIN_S", 10, minimum=1)
 # (managed, required), external (nginx runs elsewhere and includes the route folder;
 # reloaded by a SIGHUP to MODELPORT_PROXY_CONTAINER), or none (direct instance URLs).
 MODELPORT_PROXY = env_choice("MODELPORT_PROXY", "auto", ("auto", "nginx", "external", "none"))
+# Without a proxy, local instances hand their listening sockets to the next instance so the
+# address never changes. That needs every instance of a deployment on one host: a control
+# plane whose deploy workers run on several hosts without a proxy turns it off.
+MODELPORT_LOCAL_HANDOVER = env_bool("MODELPORT_LOCAL_HANDOVER", True)
 MODELPORT_PROXY_LISTEN = env_str("MODELPORT_PROXY_LISTEN", "127.0.0.1:8080")
-MODELPORT_PROXY_URL = env_str("MODELPORT_PROXY_URL", f"http://{MODELPORT_PROXY_LISTEN}").rstrip("/")
+# A certificate and its key (PEM text; *_FILE for mounted secrets): the managed proxy
+# then serves HTTPS, and gRPC over TLS.
+MODELPORT_PROXY_TLS_CERT = env_str("MODELPORT_PROXY_TLS_CERT", "")
+MODELPORT_PROXY_TLS_KEY = env_str("MODELPORT_PROXY_TLS_KEY", "")
+if bool(MODELPORT_PROXY_TLS_CERT) != bool(MODELPORT_PROXY_TLS_KEY):
+    raise ImproperlyConfigured(
+        "MODELPORT_PROXY_TLS_CERT and MODELPORT_PROXY_TLS_KEY are set together or not at all"
+    )
+_PROXY_SCHEME = "https" if MODELPORT_PROXY_TLS_CERT else "http"
+MODELPORT_PROXY_URL = env_str(
+    "MODELPORT_PROXY_URL", f"{_PROXY_SCHEME}://{MODELPORT_PROXY_LISTEN}"
+).rstrip("/")
 MODELPORT_PROXY_CHECK_URL = env_str("MODELPORT_PROXY_CHECK_URL", MODELPORT_PROXY_URL).rstrip("/")
 MODELPORT_PROXY_DIR = Path(env_str("MODELPORT_PROXY_DIR", str(DATA_DIR / "proxy"))).resolve()
 MODELPORT_PROXY_CONTAINER = env_str("MODELPORT_PROXY_CONTAINER", "")
 MODELPORT_PROXY_WORKERS = env_int("MODELPORT_PROXY_WORKERS", 2, minimum=1)
+# gRPC at the stable address: each deployment gets a port of its own on this host (the
+# managed nginx's; empty: none), which clients reach at the public host.
+MODELPORT_PROXY_GRPC_HOST = env_str(
+    "MODELPORT_PROXY_GRPC_HOST", MODELPORT_PROXY_LISTEN.rsplit(":", 1)[0].strip("[]")
+)
+MODELPORT_PROXY_GRPC_PUBLIC_HOST = env_str(
+    "MODELPORT_PROXY_GRPC_PUBLIC_HOST",
+    (urlsplit(MODELPORT_PROXY_URL).hostname or "") if MODELPORT_PROXY_GRPC_HOST else "",
+)
 MODELPORT_VALIDATION_MEMORY_MB = env_int("MODELPORT_VALIDATION_MEMORY_MB", 4096, minimum=64)
 MODELPORT_VALIDATION_TIMEOUT_S = env_int("MODELPORT_VALIDATION_TIMEOUT_S", 300, minimum=5)
 MODELPORT_READY_TIMEOUT_S = env_int("MODELPORT_READY_TIMEOUT_S", 120, minimum=5)
 MODELPORT_TASK_MAX_ATTEMPTS = env_int("MODELPORT_TASK_MAX_ATTEMPTS", 3, minimum=1)
 # A row left in a working state this long without progress is handed back to a worker.
 MODELPORT_STALE_AFTER_S = env_int("MODELPORT_STALE_AFTER_S", 900, minimum=30)
-# A log follower (GET .../logs?follow=true) is a web thread held open: cap its length.
+# Batch jobs (README "Batch jobs"): rows per chunk (and per request to the runtime), rows
+# allowed to fail unless a job says otherwise, the serving instance's quota, and how long
+# a running job's row may stay untouched before the resume sweep hands it to a worker.
+MODELPORT_BATCH_CHUNK_ROWS = env_int("MODELPORT_BATCH_CHUNK_ROWS", 4096, minimum=1)
+MODELPORT_BATCH_MAX_ERRORS = env_int("MODELPORT_BATCH_MAX_ERRORS", 100, minimum=-1)
+MODELPORT_BATCH_CPUS = env_int("MODELPORT_BATCH_CPUS", 1, minimum=1)
+MODELPORT_BATCH_MEMORY_MB = env_int("MODELPORT_BATCH_MEMORY_MB", 1024, minimum=128)
+MODELPORT_BATCH_STALE_S = env_int("MODELPORT_BATCH_STALE_S", 300, minimum=5)
+# A log follower (GET .../logs?follow=true) is a connection held open (no thread): cap it.
 MODELPORT_LOG_FOLLOW_MAX_S = env_int("MODELPORT_LOG_FOLLOW_MAX_S", 600, minimum=1)
+
+# ---------------------------------------------------------------- Keys and limits (issue 11, 12)
+# One keys file per deployment (hashes only), read by its serving instances.
+MODELPORT_KEYS_DIR = Path(env_str("MODELPORT_KEYS_DIR", str(DATA_DIR / "keys"))).resolve()
+
+# ---------------------------------------------------------------- Async inference (issue 15)
+# One spool folder per deployment (README "Async inference"), written by its instances
+# and worked off by the async dispatcher (manage.py async_dispatcher).
+MODELPORT_ASYNC_DIR = Path(env_str("MODELPORT_ASYNC_DIR", str(DATA_DIR / "async"))).resolve()
+MODELPORT_ASYNC_MAX_QUEUE = env_int("MODELPORT_ASYNC_MAX_QUEUE", 1000, minimum=1)
+MODELPORT_ASYNC_RESULT_TTL_S = env_int("MODELPORT_ASYNC_RESULT_TTL_S", 86400, minimum=1)
+MODELPORT_ASYNC_MAX_WAIT_S = env_int("MODELPORT_ASYNC_MAX_WAIT_S", 3600, minimum=1)
+MODELPORT_ASYNC_CONCURRENCY = env_int("MODELPORT_ASYNC_CONCURRENCY", 4, minimum=1)
+MODELPORT_ASYNC_LEASE_S = env_int("MODELPORT_ASYNC_LEASE_S", 30, minimum=1)
+MODELPORT_ASYNC_CALLBACK_HOSTS = [
+    host.lower() for host in env_list("MODELPORT_ASYNC_CALLBACK_HOSTS", []) if host
+]
+MODELPORT_ASYNC_CALLBACK_ATTEMPTS = env_int("MODELPORT_ASYNC_CALLBACK_ATTEMPTS", 10, minimum=1)
+
+# Rate limits count in this cache: set MODELPORT_CACHE_URL (redis://...) so that every
+# web process shares the counts; the default counts per process.
+_cache_url = env_optional("MODELPORT_CACHE_URL")
+CACHES = {
+    "default": (
+        {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": _cache_url}
+        if _cache_url
+        else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
+    )
+}
+# Sign-in lockout (django-axes): this many failures for one user name from one address
+# lock that pair out for MODELPORT_SIGNIN_LOCKOUT_MINUTES (429).
+AXES_FAILURE_LIMIT = env_int("MODELPORT_SIGNIN_FAILURES", 5, minimum=1)
+AXES_COOLOFF_TIME = timedelta(minutes=env_int("MODELPORT_SIGNIN_LOCKOUT_MINUTES", 15, minimum=1))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_TEMPLATE = "accounts/locked.html"
 
 # ---------------------------------------------------------------- Conversion (issue 3)
 # Where uploads that are not ONNX are loaded and converted: auto (a throwaway container
@@ -334,6 +450,9 @@ MODELPORT_CONVERSION_TIMEOUT_S = env_int("MODELPORT_CONVERSION_TIMEOUT_S", 900, 
 MODELPORT_CONVERSION_CPUS = env_float("MODELPORT_CONVERSION_CPUS", 1.0)
 MODELPORT_CONVERSION_PIDS_LIMIT = env_int("MODELPORT_CONVERSION_PIDS_LIMIT", 256, minimum=16)
 MODELPORT_CONVERSION_TMPFS_MB = env_int("MODELPORT_CONVERSION_TMPFS_MB", 1024, minimum=16)
+# What a conversion or validation container may write (output and scratch) and log.
+MODELPORT_CONVERSION_DISK_MB = env_int("MODELPORT_CONVERSION_DISK_MB", 8192, minimum=16)
+MODELPORT_CONVERSION_LOG_MB = env_int("MODELPORT_CONVERSION_LOG_MB", 16, minimum=1)
 # The check's default tolerance per output datatype, DATATYPE=ATOL/RTOL (uploads may override).
 MODELPORT_CONVERSION_TOLERANCES = env_str(
     "MODELPORT_CONVERSION_TOLERANCES", "FP64=1e-7/1e-6,FP32=1e-4/1e-3,FP16=1e-2/1e-2"

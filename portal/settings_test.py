@@ -18,6 +18,9 @@ os.environ.setdefault(
 os.environ.setdefault("MODELPORT_SECRET_KEY", "test-only-" + "k" * 40)
 # Local processes unless a test asks for containers (the docker_mode fixture).
 os.environ.setdefault("MODELPORT_RUNTIME", "local")
+# Rate limits far above what any test sends; the throttle tests set their own.
+for _rate in ("MODELPORT_API_RATE", "MODELPORT_API_ANON_RATE", "MODELPORT_CREDENTIALS_RATE"):
+    os.environ.setdefault(_rate, "100000/min")
 
 
 def _free_port() -> int:

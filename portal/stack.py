@@ -93,17 +93,19 @@ def _services(
             "web",
             [
                 str(BIN / "gunicorn"),
-                "portal.wsgi:application",
+                # ASGI, so that log followers wait on the event loop, not on a thread.
+                "portal.asgi:application",
+                "--worker-class",
+                "uvicorn_worker.UvicornWorker",
                 "--bind",
                 bind,
                 "--workers",
                 env.get("MODELPORT_WEB_WORKERS", "2"),
-                "--threads",
-                "4",
                 "--timeout",
                 "900",
                 "--access-logfile",
                 "-",
+                *_gunicorn_files(data_dir),
             ],
         ),
         Service(
@@ -119,6 +121,43 @@ def _services(
                 "pipeline@%h",
                 "-c",
                 env.get("MODELPORT_PIPELINE_CONCURRENCY", "2"),
+                "--loglevel",
+                "INFO",
+            ],
+        ),
+        # Sandboxed conversions and image builds: long work, with workers of its own so
+        # that rollbacks on the deploy worker never wait behind it.
+        Service(
+            "convert",
+            [
+                str(BIN / "celery"),
+                "-A",
+                "portal",
+                "worker",
+                "-Q",
+                "convert",
+                "-n",
+                "convert@%h",
+                "-c",
+                env.get("MODELPORT_CONVERT_CONCURRENCY", "2"),
+                "--loglevel",
+                "INFO",
+            ],
+        ),
+        # Batch jobs: a dataset scored for minutes or hours, on a worker of its own.
+        Service(
+            "batch",
+            [
+                str(BIN / "celery"),
+                "-A",
+                "portal",
+                "worker",
+                "-Q",
+                "batch",
+                "-n",
+                "batch@%h",
+                "-c",
+                env.get("MODELPORT_BATCH_CONCURRENCY", "1"),
                 "--loglevel",
                 "INFO",
             ],
@@ -143,8 +182,32 @@ def _services(
                 str(data_dir / "celerybeat-schedule"),
             ],
         ),
+        # Async inference: works off every deployment's spool (README "Async inference").
+        Service("async", [PYTHON, str(ROOT / "manage.py"), "async_dispatcher"]),
+        # Hears serving instances die (pidfds, Docker events) and hands their
+        # replacement to the deploy worker.
+        Service("watch", [PYTHON, str(ROOT / "manage.py"), "deployments_watch"]),
     ]
     return services
+
+
+# Longest path a Unix socket may have (sun_path is 108 bytes on Linux, with its NUL).
+_MAX_SOCKET_PATH = 107
+
+
+def _gunicorn_files(data_dir: Path) -> list[str]:
+    """Keep gunicorn's control socket and worker heartbeat files in the data directory
+    (by default it writes the socket under ``~/.gunicorn/``)."""
+    run_dir = data_dir / "run"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    socket_path = run_dir / "gunicorn.ctl"
+    control = (
+        ["--control-socket", str(socket_path)]
+        if len(str(socket_path).encode()) <= _MAX_SOCKET_PATH
+        # A data directory this deep cannot hold a socket: go without one, never outside.
+        else ["--no-control-socket"]
+    )
+    return [*control, "--worker-tmp-dir", str(run_dir)]
 
 
 def _stop_all(services: list[Service]) -> None:
@@ -189,6 +252,63 @@ def _start_proxy(env: dict[str, str]) -> str:
     return proxy.public_url
 
 
+def startup_choices(proxy_url: str) -> list[str]:
+    """Two lines for the start-up banner: where instances run and what gives them their
+    address, each with the setting and the finding that decided it."""
+    from django.conf import settings
+
+    from deployer.images.build import EngineUnavailable, docker_client
+    from deployer.proxy import find_nginx
+
+    runtime: str = settings.MODELPORT_RUNTIME
+    if runtime == "local":
+        runtime_line = "Runtime: local processes (MODELPORT_RUNTIME=local)."
+    else:
+        try:
+            client = docker_client(timeout_s=5)
+            version = client.version().get("Version", "?")
+            client.close()
+        except EngineUnavailable as exc:
+            runtime_line = (
+                f"Runtime: Docker containers (MODELPORT_RUNTIME=docker), but {exc.message}"
+                if runtime == "docker"
+                else "Runtime: local processes (MODELPORT_RUNTIME=auto and no Docker engine "
+                f"answers: {exc.message})"
+            )
+        else:
+            why = "" if runtime == "docker" else " and a Docker engine answers"
+            runtime_line = (
+                f"Runtime: Docker containers (MODELPORT_RUNTIME={runtime}{why}: "
+                f"Docker {version}); each version gets an image."
+            )
+    mode: str = settings.MODELPORT_PROXY
+    nginx = find_nginx()
+    if mode == "none":
+        proxy_line = (
+            "Proxy: none (MODELPORT_PROXY=none); each deployment answers at its instance's "
+            "own address, which changes with every rollout."
+        )
+    elif mode == "external":
+        proxy_line = (
+            f"Proxy: an external nginx at {settings.MODELPORT_PROXY_URL} "
+            "(MODELPORT_PROXY=external)."
+        )
+    elif proxy_url:
+        why = "" if mode == "nginx" else f" and nginx is installed at {nginx}"
+        proxy_line = (
+            f"Proxy: nginx at {proxy_url} (MODELPORT_PROXY={mode}{why}); deployments keep "
+            "one address across versions."
+        )
+    elif nginx:
+        proxy_line = "Proxy: none (nginx did not start, see above); deployments get direct URLs."
+    else:
+        proxy_line = (
+            f"Proxy: none (MODELPORT_PROXY={mode} and nginx is not installed); deployments get "
+            "their instance's own address. Install nginx for stable URLs."
+        )
+    return [runtime_line, proxy_line]
+
+
 def _stop_serving_instances(env: dict[str, str]) -> int:
     """Stop the serving instances and the proxy; reconcile restarts them on the next start."""
     _django(env)
@@ -207,7 +327,26 @@ def _stop_serving_instances(env: dict[str, str]) -> int:
     proxy = engine.proxy()
     if proxy is not None and proxy.managed:
         proxy.stop()
+    # The deploy worker starts the log shipper in a session of its own, so Ctrl-C never
+    # reaches it: without this it would linger until it noticed it was idle (a minute).
+    engine.docker_runtime().stop_log_shipper()
     return stopped
+
+
+def _build_images_ahead(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Build the converter and runtime images in the background (a one-off: its end,
+    success or not, stops nothing), so the first upload does not wait for them."""
+    process = subprocess.Popen(
+        [PYTHON, str(ROOT / "manage.py"), "build_images"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    assert process.stdout is not None
+    threading.Thread(target=_pump, args=("images", process.stdout), daemon=True).start()
+    return process
 
 
 def main() -> int:
@@ -259,7 +398,10 @@ def main() -> int:
             _stop_all(services)
             return 1
 
+    images = _build_images_ahead(env)
     host, _, port = bind.rpartition(":")
+    for line in startup_choices(proxy_url):
+        print(line, flush=True)
     print(
         f"\nModelPort is starting at http://{host or '127.0.0.1'}:{port}/ "
         f"(MLflow UI: {env.get('MODELPORT_MLFLOW_UI_URL', 'not started')}"
@@ -282,6 +424,8 @@ def main() -> int:
                 break
         stopping.wait(0.5)
     print("\nStopping ModelPort…", flush=True)
+    if images.poll() is None:
+        os.killpg(images.pid, signal.SIGTERM)
     _stop_all(services)
     stopped = _stop_serving_instances(env)
     if stopped:

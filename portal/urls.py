@@ -4,10 +4,15 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from portal.accounts import api as accounts_api
 from portal.deployments import api as deployments_api
+from portal.deployments import async_api
+from portal.deployments.batch import api as batch_api
 from portal.registry import api as registry_api
 
 api_v1 = [
+    path("keys/", accounts_api.KeyListView.as_view(), name="key-list"),
+    path("keys/<int:key_id>/", accounts_api.KeyDetailView.as_view(), name="key-detail"),
     path("models/", registry_api.ModelListView.as_view(), name="model-list"),
     path("models/<slug:name>/", registry_api.ModelDetailView.as_view(), name="model-detail"),
     path(
@@ -27,6 +32,11 @@ api_v1 = [
     ),
     path("deployments/", deployments_api.DeploymentListView.as_view(), name="deployment-list"),
     path(
+        "async/callback-secret",
+        async_api.CallbackSecretView.as_view(),
+        name="async-callback-secret",
+    ),
+    path(
         "deployments/<int:deployment_id>/",
         deployments_api.DeploymentDetailView.as_view(),
         name="deployment-detail",
@@ -45,6 +55,20 @@ api_v1 = [
         "deployments/<int:deployment_id>/logs",
         deployments_api.DeploymentLogsView.as_view(),
         name="deployment-logs",
+    ),
+    path("batch-jobs/", batch_api.BatchJobListView.as_view(), name="batch-job-list"),
+    path(
+        "batch-jobs/<int:job_id>/", batch_api.BatchJobDetailView.as_view(), name="batch-job-detail"
+    ),
+    path(
+        "batch-jobs/<int:job_id>/cancel",
+        batch_api.BatchJobCancelView.as_view(),
+        name="batch-job-cancel",
+    ),
+    path(
+        "batch-jobs/<int:job_id>/output",
+        batch_api.BatchJobOutputView.as_view(),
+        name="batch-job-output",
     ),
 ]
 

@@ -251,9 +251,23 @@ class Worker:
 
 @pytest.fixture
 def celery_worker(
-    transactional_db: None, mlflow_server: str, settings: Any, tmp_path: Path
+    worker_env: dict[str, str], mlflow_server: str, settings: Any, tmp_path: Path
 ) -> Iterator[Worker]:
     """A real Celery worker process on the Redis broker and the PostgreSQL test database."""
+    env = {**worker_env, "MLFLOW_TRACKING_URI": mlflow_server}
+    settings.MLFLOW_TRACKING_URI = mlflow_server
+    worker = start_worker(env, tmp_path / "worker.log")
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        _stop_local_instances(Path(settings.DATA_DIR))
+
+
+@pytest.fixture
+def worker_env(transactional_db: None, settings: Any) -> dict[str, str]:
+    """The environment of a worker process on the Redis broker (emptied first) and the
+    PostgreSQL test database; start workers with ``start_worker``."""
     from django.db import connection
 
     broker = os.environ.get("CELERY_BROKER_URL", "")
@@ -267,27 +281,26 @@ def celery_worker(
 
     redis.Redis.from_url(broker).flushdb()
     db = connection.settings_dict
-    env = {
+    return {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "portal.settings_test",
         "DATABASE_URL": (
             f"postgres://{db['USER']}:{db['PASSWORD']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
         ),
         "MODELPORT_DATA_DIR": str(settings.DATA_DIR),
-        "MLFLOW_TRACKING_URI": mlflow_server,
         "PYTHONUNBUFFERED": "1",
     }
-    settings.MLFLOW_TRACKING_URI = mlflow_server
-    worker = start_worker(env, tmp_path / "worker.log")
-    try:
-        yield worker
-    finally:
-        worker.stop()
-        _stop_local_instances(Path(settings.DATA_DIR))
 
 
-def start_worker(env: dict[str, str], log: Path) -> Worker:
-    """Start a Celery worker on both queues and wait until it is ready."""
+def start_worker(
+    env: dict[str, str],
+    log: Path,
+    *,
+    queues: tuple[str, ...] = ("pipeline", "convert", "deploy", "batch"),
+    concurrency: int = 2,
+    include: tuple[str, ...] = (),
+) -> Worker:
+    """Start a Celery worker (on every queue unless told) and wait until it is ready."""
     process = subprocess.Popen(
         [
             str(BIN / "celery"),
@@ -295,15 +308,16 @@ def start_worker(env: dict[str, str], log: Path) -> Worker:
             "portal",
             "worker",
             "-Q",
-            "pipeline,deploy",
+            ",".join(queues),
             "-c",
-            "2",
+            str(concurrency),
             "-n",
             f"test-{os.getpid()}-{log.stem}@%h",
             "--loglevel",
             "INFO",
             "--without-mingle",
             "--without-gossip",
+            *(["--include", ",".join(include)] if include else []),
         ],
         cwd=REPO,
         env=env,

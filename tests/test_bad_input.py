@@ -94,7 +94,7 @@ def _cases(tmp: Path) -> list[Case]:
         Case("PNG image named .onnx", ("model.onnx", b"\x89PNG\r\n\x1a\n" + bytes(200)),
              {"unsupported_format", "not_onnx"}, "not"),
         Case("Keras HDF5 file", ("model.h5", b"\x89HDF\r\n\x1a\n" + bytes(500)),
-             {"unsupported_format"}, "not supported yet"),
+             {"unsupported_format"}, "Keras 3 (model.save('model.keras'))"),
         Case("file name with path traversal", (f"../../../../{outside.name}.onnx", good),
              {""}, "stored as", escapes=[tmp.parent / f"{outside.name}.onnx"]),
         Case("absolute file name", (f"{outside}.onnx", good), {""}, "stored as",

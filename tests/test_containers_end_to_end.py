@@ -26,13 +26,14 @@ from deployer.images import docker_client
 from portal.core import engine
 from portal.core.models import Event
 from portal.deployments import services
-from portal.deployments.choices import DeploymentStatus, RevisionStatus
-from portal.deployments.models import Deployment, Revision
+from portal.deployments.choices import DeploymentStatus, ReplicaState, RevisionStatus
+from portal.deployments.models import Deployment, Replica, Revision
 from portal.registry import services as registry_services
 from portal.registry.choices import VersionStatus
 from portal.registry.models import ModelVersion
 from tests.conftest import Personas, Worker, report_entry, start_worker, wait_for
 from tests.onnx_models import linear_model
+from tests.portal.factories import inference_headers
 
 pytestmark = pytest.mark.e2e
 X = [1.0, 2.0, 3.0, 4.0]
@@ -58,6 +59,7 @@ def _deployment(client: Any, deployment_id: int) -> dict[str, Any]:
 def _infer(endpoint: str) -> np.ndarray:
     response = requests.post(
         f"{endpoint}/infer",
+        headers=inference_headers(endpoint),
         json={"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": X}]},
         timeout=10,
     )
@@ -209,7 +211,9 @@ def test_worker_killed_mid_build_leaves_one_image_after_reconcile(
     assert version.attempts == 2
     ours = [t for i in dock.images.list() for t in i.tags if t.startswith(image_repository)]
     kinds = sorted(tag.split(":")[0] for tag in ours)
-    assert kinds == [f"{image_repository}/{k}" for k in ("base", "model", "runtime")], ours
+    assert kinds == [
+        f"{image_repository}/{k}" for k in ("base", "converter", "model", "runtime")
+    ], ours
     assert version.image_ref in ours
     # The killed build's step container did not stay behind.
     leftovers = [
@@ -302,7 +306,8 @@ def test_worker_killed_mid_rollout_is_finished_by_reconcile_without_duplicates(
         for c in dock.containers.list(all=True, filters={"label": "modelport.revision"})
         if c.labels.get("modelport.installation") == settings.MODELPORT_INSTALLATION_ID
     ]
-    assert names == [f"mp-{settings.MODELPORT_INSTALLATION_ID}-r{revision.pk}"]
+    replica = Replica.objects.get(revision=revision, state=ReplicaState.READY)
+    assert names == [f"mp-{settings.MODELPORT_INSTALLATION_ID}-r{revision.pk}-p{replica.pk}"]
     report_entry(
         "crash_safety",
         {"scenario": "worker SIGKILL during a rollout", "kills": 1, "final": True,

@@ -16,6 +16,7 @@ import requests
 
 from tests.conftest import Personas, Worker, wait_for
 from tests.onnx_models import linear_model
+from tests.portal.factories import inference_headers
 
 pytestmark = pytest.mark.e2e
 
@@ -23,6 +24,7 @@ pytestmark = pytest.mark.e2e
 def _infer(endpoint: str, x: list[list[float]]) -> np.ndarray:
     response = requests.post(
         f"{endpoint}/infer",
+        headers=inference_headers(endpoint),
         json={"inputs": [{"name": "input", "shape": [len(x), 4], "datatype": "FP32", "data": x}]},
         timeout=10,
     )

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,8 @@ from deployer.logs import tail_lines
 from deployer.proxy import NginxProxy, find_nginx
 from deployer.runtimes.base import Runtime
 from deployer.runtimes.docker import DockerRuntime, DockerSettings, log_path
+from deployer.runtimes.gpus import parse_inventory
+from deployer.runtimes.kube.manifests import KubeSettings
 from deployer.runtimes.local import LocalProcessRuntime
 from deployer.sandbox import Limits
 from deployer.tracking import TrackingTarget
@@ -44,7 +47,7 @@ _AUTO_RECHECK_S = 60.0
 
 def builds_images() -> bool:
     """Whether versions get a model image (the build step runs on the deploy worker)."""
-    return settings.MODELPORT_RUNTIME in ("docker", "auto")
+    return settings.MODELPORT_RUNTIME in ("docker", "auto", "kubernetes")
 
 
 def runtime_name() -> str:
@@ -69,7 +72,14 @@ def runtime_named(name: str) -> Runtime:
     """The runtime a revision was started on (its ``runtime`` field); local when unknown."""
     if name == "docker":
         return docker_runtime()
-    return LocalProcessRuntime(local_state_dir(), host=settings.MODELPORT_SERVING_HOST)
+    if name == "kubernetes":
+        return kubernetes_runtime()
+    # Without a proxy, deployments keep their address by handing sockets between instances.
+    return LocalProcessRuntime(
+        local_state_dir(),
+        host=settings.MODELPORT_SERVING_HOST,
+        stable_address=proxy() is None and settings.MODELPORT_LOCAL_HANDOVER,
+    )
 
 
 def runtimes_in_use() -> list[Runtime]:
@@ -78,6 +88,29 @@ def runtimes_in_use() -> list[Runtime]:
     if settings.MODELPORT_RUNTIME == "auto":
         names.add("local")
     return [runtime_named(name) for name in sorted(names)]
+
+
+def batch_runtime() -> Runtime:
+    """The runtime batch jobs' serving instances run on (the batch worker only).
+
+    The same kind as deployments use, under an identity of its own (a separate state
+    folder; containers labelled with a derived installation id), so reconcile never
+    takes a job's instance for an orphan of a deployment.
+    """
+    if runtime_name() == "docker":
+        return DockerRuntime(
+            DockerSettings(
+                installation=f"{settings.MODELPORT_INSTALLATION_ID[:29]}bat",
+                log_dir=Path(settings.DATA_DIR) / "runtime" / "batch" / "logs",
+                network=settings.MODELPORT_DOCKER_NETWORK,
+                publish_host=settings.MODELPORT_DOCKER_PUBLISH_HOST,
+                tmpfs_mb=settings.MODELPORT_CONTAINER_TMPFS_MB,
+            )
+        )
+    return LocalProcessRuntime(
+        Path(settings.DATA_DIR) / "runtime" / "batch" / "local",
+        host=settings.MODELPORT_SERVING_HOST,
+    )
 
 
 def local_state_dir() -> Path:
@@ -97,8 +130,33 @@ def docker_runtime() -> DockerRuntime:
             network=settings.MODELPORT_DOCKER_NETWORK,
             publish_host=settings.MODELPORT_DOCKER_PUBLISH_HOST,
             tmpfs_mb=settings.MODELPORT_CONTAINER_TMPFS_MB,
+            host_data=(
+                (Path(settings.DATA_DIR), Path(settings.MODELPORT_DOCKER_HOST_DATA_DIR))
+                if settings.MODELPORT_DOCKER_HOST_DATA_DIR
+                else None
+            ),
+            keys_volume=settings.MODELPORT_DOCKER_KEYS_VOLUME,
+            gpu_devices=parse_inventory(settings.MODELPORT_GPU_DEVICES),
         )
     )
+
+
+def kube_settings() -> KubeSettings:
+    return KubeSettings(
+        installation=settings.MODELPORT_INSTALLATION_ID,
+        namespace=settings.MODELPORT_KUBE_NAMESPACE,
+        registry=settings.MODELPORT_KUBE_REGISTRY,
+        image_pull_secret=settings.MODELPORT_KUBE_IMAGE_PULL_SECRET,
+        kserve=settings.MODELPORT_KUBE_KSERVE,
+    )
+
+
+def kubernetes_runtime() -> Runtime:
+    """The Kubernetes runtime (kubeconfig when set, else in-cluster credentials)."""
+    from deployer.runtimes.kube.runtime import KubernetesRuntime
+
+    kubeconfig = settings.MODELPORT_KUBECONFIG
+    return KubernetesRuntime(kube_settings(), kubeconfig=Path(kubeconfig) if kubeconfig else None)
 
 
 def instance_logs(revision: Revision, *, tail: int = 200) -> str:
@@ -107,6 +165,8 @@ def instance_logs(revision: Revision, *, tail: int = 200) -> str:
     Local instances write their own log files; containers' output is copied into
     files by the deploy worker's log shipper. So the web process needs no socket.
     """
+    if revision.runtime == "kubernetes" and revision.handle:
+        return kubernetes_runtime().logs(revision.handle, tail=tail)
     path = instance_log_file(revision)
     return "" if path is None else tail_lines(path, tail)
 
@@ -162,6 +222,10 @@ def proxy() -> NginxProxy | None:
         listen=settings.MODELPORT_PROXY_LISTEN,
         nginx=nginx,
         worker_processes=settings.MODELPORT_PROXY_WORKERS,
+        grpc_host=settings.MODELPORT_PROXY_GRPC_HOST,
+        grpc_public_host=settings.MODELPORT_PROXY_GRPC_PUBLIC_HOST,
+        tls_cert=settings.MODELPORT_PROXY_TLS_CERT,
+        tls_key=settings.MODELPORT_PROXY_TLS_KEY,
     )
 
 
@@ -226,7 +290,13 @@ def known_answer_tolerance(device: str) -> Tolerance:
 
 
 def model_image(
-    *, model_path: Path, sha256: str, device: str, labels: dict[str, str], log: LogSink
+    *,
+    model_path: Path,
+    sha256: str,
+    device: str,
+    labels: dict[str, str],
+    log: LogSink,
+    warmup_sample: Path | None = None,
 ) -> BuiltImage:
     """The model image for one model file (deploy worker only: it talks to Docker).
 
@@ -236,11 +306,21 @@ def model_image(
     config = image_config()
     client = docker_client(timeout_s=BUILD_TIMEOUT_S)
     runtime_image = runtime_image_ensure(config, device=device, log=log, client=client)
-    return model_image_ensure(
+    built = model_image_ensure(
         config,
         ModelImageRequest(
-            model_path=model_path, model_sha256=sha256, runtime=runtime_image, labels=labels
+            model_path=model_path,
+            model_sha256=sha256,
+            runtime=runtime_image,
+            labels=labels,
+            warmup_sample=warmup_sample,
         ),
         log=log,
         client=client,
     )
+    if settings.MODELPORT_RUNTIME == "kubernetes":
+        # A cluster pulls its images: the version records the pushed name.
+        from deployer.runtimes.kube.runtime import push_image
+
+        built = replace(built, ref=push_image(built.ref, settings.MODELPORT_KUBE_REGISTRY))
+    return built

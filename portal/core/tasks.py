@@ -7,12 +7,13 @@ from django.conf import settings
 
 from deployer.convert.runner import sweep_containers
 from deployer.images.build import EngineUnavailable, docker_client
+from portal.celery import QUEUE_DEPLOY
 from portal.core.idempotency import idempotency_records_expire
 from portal.deployments.services import deployments_reconcile
 from portal.registry.services import versions_reconcile
 
 
-@shared_task(acks_late=True)
+@shared_task(acks_late=True, queue=QUEUE_DEPLOY)
 def reconcile() -> dict[str, dict[str, int]]:
     """Bring rows and running instances back into agreement; remove conversion containers a
     killed worker left behind; forget old idempotency keys."""

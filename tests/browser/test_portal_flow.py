@@ -125,7 +125,7 @@ def test_upload_deploy_try_rollback_in_the_browser(
     page.get_by_test_id("serving-version").filter(has_text="v1").wait_for()
     page.get_by_test_id("deployment-status").filter(has_text="Running").wait_for()
     shoot(page, "deployment-after-rollback-wide")
-    revisions = page.locator("table").last.inner_text()
+    revisions = page.get_by_test_id("revision-table").inner_text()
     assert "rollback" in revisions
 
     page.goto(f"{base}/accounts/tokens/")

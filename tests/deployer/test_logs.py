@@ -48,3 +48,36 @@ def test_stops_when_told(tmp_path: Path) -> None:
     started = time.monotonic()
     assert list(follow_file(log, tail=5, keep_going=lambda: False)) == ["x\n"]
     assert time.monotonic() - started < 1
+
+
+def test_async_follower_reads_the_tail_then_new_lines_then_the_unfinished_one(
+    tmp_path: Path,
+) -> None:
+    import asyncio
+    import concurrent.futures
+
+    from deployer.logs import follow_file_async
+
+    log = tmp_path / "instance.log"
+    log.write_text("one\ntwo\nthree\n")
+
+    async def follow() -> list[str]:
+        polls = 0
+
+        async def keep_going() -> bool:
+            nonlocal polls
+            polls += 1
+            if polls == 1:
+                with log.open("a") as handle:
+                    handle.write("four\nfi")
+            return polls < 3
+
+        return [
+            line
+            async for line in follow_file_async(log, tail=2, keep_going=keep_going, poll_s=0.01)
+        ]
+
+    # A loop of its own in a thread: the browser tests leave one running in this thread.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        lines = pool.submit(asyncio.run, follow()).result(timeout=30)
+    assert lines == ["two\n", "three\n", "four\n", "fi\n"]

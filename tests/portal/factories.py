@@ -56,3 +56,13 @@ def running_deployment(
     deployment.endpoint_url = f"http://127.0.0.1:9/v2/models/{version.model.name}"
     deployment.save()
     return deployment
+
+
+def inference_headers(endpoint_url: str) -> dict[str, str]:
+    """The portal's own key for the deployment now answering at ``endpoint_url`` (private
+    deployments need a key); no header when no deployment has that address."""
+    from portal.deployments.inference_keys import portal_headers
+
+    base = endpoint_url.rstrip("/")
+    deployment = Deployment.objects.filter(endpoint_url__in=[base, base + "/"]).first()
+    return portal_headers(deployment.pk) if deployment is not None else {}

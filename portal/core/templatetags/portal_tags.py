@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from django import template
 
+from deployer.units import format_bytes
+
 register = template.Library()
 
 
@@ -26,3 +28,21 @@ def sig(value: object, digits: int = 3) -> str:
         return f"{float(str(value)):.{int(digits)}g}"
     except ValueError:
         return str(value)
+
+
+@register.filter
+def size(num_bytes: int | float | None) -> str:
+    """A size in binary units ("320.7 MiB", "868 bytes"), as the timeline writes them."""
+    return format_bytes(num_bytes)
+
+
+@register.filter
+def first_line(text: str | None) -> str:
+    """The first line of a message: a failure's one-line cause."""
+    return (text or "").partition("\n")[0]
+
+
+@register.filter
+def after_first_line(text: str | None) -> str:
+    """Everything after the first line of a message: a failure's detail (log lines)."""
+    return (text or "").partition("\n")[2].strip()
