@@ -5,8 +5,8 @@ Every model is uploaded twice: without a sample (validation generates one whose 
 dimensions the model accepts) and with the uploader's sample. Version 1 is deployed,
 then version 2 rolls out on the same deployment; each instance warms up on its
 version's recorded sample (the instance's log says so), and the portal's known-answer
-check passes on it. Local processes serve the whole zoo; the GRU also goes through
-the Docker engine (its image carries the sample).
+check passes on it. The whole zoo is served by local processes and again through the
+Docker engine (each image carries its version's sample).
 """
 
 from __future__ import annotations
@@ -203,24 +203,33 @@ def test_a_sample_that_does_not_fit_fails_the_version_naming_the_input(
     assert "Input h0 has size 3 in dimension 0, the model expects 2" in version["error"]
 
 
-def test_gru_through_the_docker_engine(
-    zoo: dict[str, ZooModel], docker_mode: None, personas: Personas, celery_worker: Worker
+def test_zoo_through_the_docker_engine(
+    zoo: dict[str, ZooModel], docker_mode: None, personas: Personas, zoo_worker: Worker
 ) -> None:
-    client = personas.alice.client()
-    model = zoo["gru"]
-    assert client.post("/api/v1/models/", {"name": "gru"}, format="json").status_code == 201
-    _upload(client, model, sample=None)
-    version = _final_version(client, "gru", 1)
-    assert version["status"] == "ready", version["error"]
-    deployment_id = _deploy(client, "gru", 1)
-    deployment = _running(client, deployment_id, 1, celery_worker)
-    _hammer(model, deployment["endpoint_url"])
-    logs = _log_text(client, deployment_id)
-    assert '"warmup_input": "sample"' in logs  # from the image's /model/warmup.npz
-    assert '"batch_axes": {"x": 0, "h0": 1}' in logs
+    """Every architecture, each in its own image and container behind nginx: the image
+    carries the version's recorded sample, the container warms up on it and answers right
+    under concurrent callers."""
     from portal.deployments.models import Revision
 
-    revision = Revision.objects.get(deployment_id=deployment_id, version__number=1)
-    assert revision.runtime == "docker"
-    image = docker_client().images.get(revision.version.report["images"]["cpu"])
-    assert image.labels["modelport.model"] == "gru"
+    client = personas.alice.client()
+    for model in zoo.values():
+        assert (
+            client.post("/api/v1/models/", {"name": model.name}, format="json").status_code == 201
+        )
+        _upload(client, model, sample=None)
+    deployments: dict[str, int] = {}
+    for model in zoo.values():
+        version = _final_version(client, model.name, 1)
+        assert version["status"] == "ready", (model.name, version["error"])
+        deployments[model.name] = _deploy(client, model.name, 1)
+    for model in zoo.values():
+        deployment = _running(client, deployments[model.name], 1, zoo_worker)
+        _hammer(model, deployment["endpoint_url"])
+        logs = _log_text(client, deployments[model.name])
+        assert '"warmup_input": "sample"' in logs, model.name  # the image's /model/warmup.npz
+        assert f'"dynamic_batching": {str(model.batchable).lower()}' in logs, model.name
+        revision = Revision.objects.get(deployment_id=deployments[model.name], version__number=1)
+        assert revision.runtime == "docker"
+        image = docker_client().images.get(revision.version.report["images"]["cpu"])
+        assert image.labels["modelport.model"] == model.name
+    assert '"batch_axes": {"x": 0, "h0": 1}' in _log_text(client, deployments["gru"])

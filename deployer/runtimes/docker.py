@@ -52,6 +52,8 @@ MANAGED = f"{LABEL_PREFIX}installation"
 DEPLOYMENT = f"{LABEL_PREFIX}deployment"
 REVISION = f"{LABEL_PREFIX}revision"
 GPUS = f"{LABEL_PREFIX}gpus"
+# Tries of a container list that raced a removal (see DockerRuntime._list).
+LIST_ATTEMPTS = 5
 REPLICA = f"{LABEL_PREFIX}replica"
 _INSTALLATION = re.compile(r"^[a-z0-9]{4,32}$")
 _CONTAINER_ID = re.compile(r"^[a-f0-9]{12,64}$")
@@ -537,11 +539,18 @@ class DockerRuntime:
         return f"{base}-p{replica_id}" if replica_id else base
 
     def _list(self, *, all_states: bool) -> list[Any]:
-        return list(
-            self.client.containers.list(
-                all=all_states, filters={"label": f"{MANAGED}={self.settings.installation}"}
-            )
-        )
+        """Our containers. docker-py lists, then inspects each one: a container removed in
+        between (another rollout's, at the same moment) fails the whole list with NotFound,
+        so the list is asked again."""
+        from docker.errors import NotFound
+
+        ours = {"label": f"{MANAGED}={self.settings.installation}"}
+        for _ in range(LIST_ATTEMPTS - 1):
+            try:
+                return list(self.client.containers.list(all=all_states, filters=ours))
+            except NotFound:
+                continue
+        return list(self.client.containers.list(all=all_states, filters=ours))
 
     def _ours(self, handle: str) -> Any | None:
         from docker.errors import NotFound
