@@ -64,11 +64,12 @@ def _exit_code(error: ClientError) -> int:
 def _deploy_and_wait(
     client: Client, out: Output, *, model: str, number: int, deployment: str, device: str,
     wait: bool, timeout: float, min_replicas: int | None = None,
-    max_replicas: int | None = None,
+    max_replicas: int | None = None, gpu_count: int | None = None, gpu_ids: str | None = None,
 ) -> tuple[int, dict[str, Any]]:  # fmt: skip
     accepted = client.deploy(
         model, number, deployment=deployment, device=device,
         min_replicas=min_replicas, max_replicas=max_replicas,
+        gpu_count=gpu_count, gpu_ids=gpu_ids,
     )  # fmt: skip
     dep, revision = accepted["deployment"], accepted["revision"]
     out.progress(f"Deploying {model} v{number} to {deployment} (revision {revision['id']})…")
@@ -139,6 +140,7 @@ def cmd_deploy(client: Client, args: argparse.Namespace, out: Output) -> int:
         client, out, model=args.model, number=args.version, deployment=args.deployment,
         device=args.device, wait=args.wait, timeout=args.timeout,
         min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+        gpu_count=args.gpus, gpu_ids=args.gpu_ids,
     )  # fmt: skip
     out.result(document, f"{args.model} v{args.version} → {args.deployment}: "
                f"{document['revision']['status']}")  # fmt: skip
@@ -394,6 +396,10 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--wait", action="store_true")
     deploy.add_argument("--min-replicas", type=int, help="Instances that serve it (default 1).")
     deploy.add_argument("--max-replicas", type=int, help="Upper bound (default: the minimum).")
+    deploy.add_argument("--gpus", type=int, help="With --device gpu: GPUs per replica (default 1).")
+    deploy.add_argument(
+        "--gpu-ids", help="With --device gpu: exactly these GPUs (device ids, comma-separated)."
+    )
     deploy.set_defaults(handler=cmd_deploy)
 
     status = commands.add_parser(

@@ -68,6 +68,8 @@ class DeployView(APIView):
             memory_mb=fields.get("memory_mb"),
             min_replicas=fields.get("min_replicas"),
             max_replicas=fields.get("max_replicas"),
+            gpu_count=fields.get("gpu_count"),
+            gpu_ids=fields.get("gpu_ids"),
             user=access.user,
         )
         return _accepted(revision.pk, revision.deployment_id)

@@ -47,6 +47,10 @@ class Deployment(models.Model):
     # deployment runs min_replicas; max_replicas bounds what autoscaling may add.
     min_replicas = models.PositiveSmallIntegerField(default=1)
     max_replicas = models.PositiveSmallIntegerField(default=1)
+    # With device "gpu": how many GPUs each replica gets, or exactly which (comma-separated
+    # device ids; then the count is their number). Replicas are spread over free GPUs.
+    gpu_count = models.PositiveSmallIntegerField(default=1)
+    gpu_ids = models.CharField(max_length=400, blank=True)
     error = models.TextField(blank=True)
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, related_name="+"
@@ -190,6 +194,8 @@ class Replica(models.Model):
     internal_url = models.CharField(max_length=255, blank=True)
     internal_grpc = models.CharField(max_length=255, blank=True)
     metrics_url = models.CharField(max_length=255, blank=True)
+    # The GPUs (device ids, comma-separated) the runtime placed it on; empty on the CPU.
+    gpus = models.CharField(max_length=400, blank=True)
     # How many replicas of this slot ended before this one (0: the first).
     restarts = models.PositiveIntegerField(default=0)
     # Why it ended ("killed by signal SIGKILL", "exited with code 3", OOM, readiness).

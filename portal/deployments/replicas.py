@@ -35,6 +35,7 @@ from deployer.runtimes.base import (
     LaunchSpec,
     Runtime,
 )
+from deployer.runtimes.gpus import GpuRequest
 from portal.core import engine
 from portal.core.api import ApiError
 from portal.core.choices import EventLevel
@@ -103,6 +104,7 @@ def replica_start(
                 model_path=served,
                 image=image,
                 device=deployment.device,
+                gpus=GpuRequest.parse(deployment.gpu_count, deployment.gpu_ids),
                 cpus=float(deployment.cpus),
                 memory_mb=deployment.memory_mb,
                 pids_limit=deployment.pids_limit,
@@ -123,9 +125,12 @@ def replica_start(
         raise
     replica.handle, replica.internal_url = launch.handle, launch.url
     replica.internal_grpc, replica.metrics_url = launch.grpc_address, launch.metrics_url
+    replica.gpus = ",".join(launch.gpus)
     replica.save(
-        update_fields=["handle", "internal_url", "internal_grpc", "metrics_url", "updated_at"]
-    )
+        update_fields=[
+            "handle", "internal_url", "internal_grpc", "metrics_url", "gpus", "updated_at",
+        ]
+    )  # fmt: skip
     return Started(replica, launch)
 
 
