@@ -444,7 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument(
         "--mapping", help='Input -> column(s) as JSON, e.g. \'{"input": ["a", "b", "c", "d"]}\'.'
     )
-    batch.add_argument("--chunk-rows", type=int, help="Rows per chunk (server default 4096).")
+    batch.add_argument(
+        "--chunk-rows", type=int, help="Rows per chunk (default: the fastest the job finds)."
+    )
     batch.add_argument("--max-errors", type=int, help="Rows allowed to fail (-1: any number).")
     batch.add_argument("--wait", action="store_true", help="Show progress until it ends.")
     batch.add_argument("--output", help="Download the output here (a file or a folder).")
