@@ -182,25 +182,41 @@ def cmd_status(client: Client, args: argparse.Namespace, out: Output) -> int:
 
 def _replicas_line(deployment: dict[str, Any]) -> str:
     ready = sum(1 for r in deployment.get("replicas", []) if r["state"] == "ready")
-    return f"{ready}/{deployment.get('min_replicas', 1)} replicas ready"
+    wanted = deployment.get("replicas_wanted", deployment.get("min_replicas", 1))
+    return f"{ready}/{wanted} replicas ready"
 
 
 def cmd_scale(client: Client, args: argparse.Namespace, out: Output) -> int:
     deployment = client.deployment_find(args.model, args.deployment)
-    fields = {"min_replicas": args.min}
-    if args.max is not None:
-        fields["max_replicas"] = args.max
+    fields: dict[str, Any] = {}
+    for name, value in (
+        ("min_replicas", args.min),
+        ("max_replicas", args.max),
+        ("autoscale_target_inflight", args.autoscale_target),
+        ("autoscale_cooldown_s", args.cooldown),
+    ):
+        if value is not None:
+            fields[name] = value
+    if not fields:
+        out.result({}, "Give --min, --max, --autoscale-target or --cooldown.")
+        return EXIT_REFUSED
     updated = client.deployment_update(deployment["id"], **fields)
+    target = updated.get("autoscale_target_inflight")
+    autoscale = (
+        f", autoscaling at {target:g} in flight per replica"
+        if target and updated["max_replicas"] > updated["min_replicas"]
+        else ""
+    )
     out.progress(
         f"{args.model}/{args.deployment}: {updated['min_replicas']}..{updated['max_replicas']} "
-        "replicas"
+        f"replicas{autoscale}"
     )
     if args.wait:
         deadline = time.monotonic() + args.timeout
         while True:
             updated = client.deployment(deployment["id"])
             ready = sum(1 for r in updated["replicas"] if r["state"] == "ready")
-            if ready == updated["min_replicas"] and updated["status"] == "running":
+            if ready == updated["replicas_wanted"] and updated["status"] == "running":
                 break
             if time.monotonic() > deadline:
                 out.result({"deployment": updated}, f"Timed out: {_replicas_line(updated)}")
@@ -421,8 +437,14 @@ def build_parser() -> argparse.ArgumentParser:
     scale = commands.add_parser("scale", parents=sub, help="Change a deployment's replicas.")
     scale.add_argument("--model", required=True)
     scale.add_argument("--deployment", default="production")
-    scale.add_argument("--min", type=int, required=True, help="Replicas that serve it.")
+    scale.add_argument("--min", type=int, help="Replicas that serve it at least.")
     scale.add_argument("--max", type=int, help="Upper bound (default: at least --min).")
+    scale.add_argument(
+        "--autoscale-target", type=float,
+        help="Autoscale between --min and --max at about this many requests in flight per "
+        "replica (0: off).",
+    )  # fmt: skip
+    scale.add_argument("--cooldown", type=int, help="Seconds with no scale-down after a change.")
     scale.add_argument("--wait", action="store_true", help="Wait until that many are ready.")
     scale.set_defaults(handler=cmd_scale)
 

@@ -111,13 +111,26 @@ class DeploymentDetailView(APIView):
         fields = data.validated_data
         if "public" in fields:
             access.require(Role.ADMIN, "make deployments public or private")
-        if "min_replicas" in fields or "max_replicas" in fields:
+        scaling = (
+            "min_replicas",
+            "max_replicas",
+            "autoscale_target_inflight",
+            "autoscale_cooldown_s",
+        )
+        if any(name in fields for name in scaling):
             access.require(Role.MEMBER, "change the replicas of deployments")
+            autoscale = (
+                {"target_inflight": fields["autoscale_target_inflight"]}
+                if "autoscale_target_inflight" in fields
+                else {}
+            )
             replicas.deployment_scale(
                 deployment=deployment,
                 min_replicas=fields.get("min_replicas"),
                 max_replicas=fields.get("max_replicas"),
+                cooldown_s=fields.get("autoscale_cooldown_s"),
                 user=access.user,
+                **autoscale,
             )
         if "public" in fields:
             services.deployment_public_set(

@@ -33,7 +33,7 @@ class ReplicaSerializer(serializers.ModelSerializer[Replica]):
         fields = [
             "id", "slot", "state", "version", "address", "grpc_address", "started_at",
             "ready_at", "ended_at", "restarts", "cause", "rate_per_s", "p99_ms", "metrics_at",
-            "gpus",
+            "inflight", "gpus",
         ]  # fmt: skip
 
 
@@ -46,12 +46,16 @@ class DeploymentSerializer(serializers.ModelSerializer[Deployment]):
         help_text="Async requests waiting or running, the oldest one's age, answers kept."
     )
     replicas = serializers.SerializerMethodField()
+    replicas_wanted = serializers.IntegerField(
+        read_only=True, help_text="replicas it runs now (min_replicas, or autoscaling's choice)"
+    )
 
     class Meta:
         model = Deployment
         fields = [
             "id", "model", "name", "status", "device", "cpus", "memory_mb", "endpoint_url",
             "grpc_address", "public", "min_replicas", "max_replicas", "gpu_count", "gpu_ids",
+            "autoscale_target_inflight", "autoscale_cooldown_s", "replicas_wanted", "scaled_at",
             "replicas", "current_version", "error", "created_at", "updated_at", "async_queue",
         ]  # fmt: skip
 
@@ -132,11 +136,22 @@ class DeploymentUpdateSerializer(serializers.Serializer[Any]):
     )
     min_replicas = serializers.IntegerField(min_value=1, max_value=MAX_REPLICAS, required=False)
     max_replicas = serializers.IntegerField(min_value=1, max_value=MAX_REPLICAS, required=False)
+    autoscale_target_inflight = serializers.FloatField(
+        min_value=0,
+        max_value=1000,
+        required=False,
+        allow_null=True,
+        help_text="autoscaling: requests in flight per replica to aim at; 0 or null: off",
+    )
+    autoscale_cooldown_s = serializers.IntegerField(
+        min_value=0, max_value=3600, required=False, help_text="no scale-down within this"
+    )
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         if not attrs:
             raise serializers.ValidationError(
-                "Give at least one of public, min_replicas, max_replicas."
+                "Give at least one of public, min_replicas, max_replicas, "
+                "autoscale_target_inflight, autoscale_cooldown_s."
             )
         return attrs
 

@@ -324,7 +324,7 @@ def revision_rollout(*, revision_id: int) -> None:
     revision.save(update_fields=["runtime", "updated_at"])
     served = version.served_model_path
     timer = StepTimer()
-    count = deployment.min_replicas
+    count = deployment.replicas_wanted
     started: list[Started] = []
     try:
         if served is None:
@@ -483,7 +483,7 @@ def _switch(
         replicas_stop(revision=previous, grace_s=settings.MODELPORT_DRAIN_S, cause="superseded")
         if previous.handle:
             _runtime_of(previous).stop(previous.handle, grace_s=settings.MODELPORT_DRAIN_S)
-    if locked.min_replicas != revision.replicas.filter(state=ReplicaState.READY).count():
+    if locked.replicas_wanted != revision.replicas.filter(state=ReplicaState.READY).count():
         from portal.deployments.tasks import deployment_replicas_heal as replicas_heal_task
 
         # Scaled while the rollout ran, or a replica died meanwhile.

@@ -23,6 +23,8 @@ class Point:
     errors_per_s: float
     p50_ms: float | None
     p99_ms: float | None
+    # Replicas that answered the scrape at the interval's end.
+    replicas: float = 0.0
 
 
 def _buckets(raw: list[list[float | str]]) -> list[tuple[float, float]]:
@@ -74,6 +76,7 @@ def deployment_series(*, deployment: Deployment, minutes: int = 30) -> list[Poin
                 errors_per_s=failed / seconds,
                 p50_ms=p50 * 1000 if p50 is not None else None,
                 p99_ms=p99 * 1000 if p99 is not None else None,
+                replicas=float(len(after)),
             )
         )
     return points

@@ -110,6 +110,7 @@ def test_series_adds_up_the_replicas_sampled_at_both_ends(personas: Personas) ->
     assert first.p99_ms > 5.0
     assert second.requests_per_s == pytest.approx(15.0)
     assert second.p99_ms == pytest.approx(5.0 * 0.99)
+    assert (first.replicas, second.replicas) == (3.0, 3.0)  # the page's replicas chart
 
 
 def test_scrape_reads_a_real_instance(personas: Personas, tmp_path: Path) -> None:
