@@ -142,7 +142,7 @@ def _charts(deployment: Deployment) -> list[Any]:
         chart(points, "Requests", "req/s", "requests_per_s"),
         chart(points, "Errors", "err/s", "errors_per_s"),
         chart(points, "Latency p50 / p99", "ms", "p50_ms", "p99_ms"),
-        chart(points, "Replicas", "", "replicas"),
+        chart(points, "Replicas", "replicas", "replicas"),
     ]
 
 
