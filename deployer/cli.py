@@ -64,11 +64,12 @@ def _exit_code(error: ClientError) -> int:
 def _deploy_and_wait(
     client: Client, out: Output, *, model: str, number: int, deployment: str, device: str,
     wait: bool, timeout: float, min_replicas: int | None = None,
-    max_replicas: int | None = None,
+    max_replicas: int | None = None, gpu_count: int | None = None, gpu_ids: str | None = None,
 ) -> tuple[int, dict[str, Any]]:  # fmt: skip
     accepted = client.deploy(
         model, number, deployment=deployment, device=device,
         min_replicas=min_replicas, max_replicas=max_replicas,
+        gpu_count=gpu_count, gpu_ids=gpu_ids,
     )  # fmt: skip
     dep, revision = accepted["deployment"], accepted["revision"]
     out.progress(f"Deploying {model} v{number} to {deployment} (revision {revision['id']})…")
@@ -139,6 +140,7 @@ def cmd_deploy(client: Client, args: argparse.Namespace, out: Output) -> int:
         client, out, model=args.model, number=args.version, deployment=args.deployment,
         device=args.device, wait=args.wait, timeout=args.timeout,
         min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+        gpu_count=args.gpus, gpu_ids=args.gpu_ids,
     )  # fmt: skip
     out.result(document, f"{args.model} v{args.version} → {args.deployment}: "
                f"{document['revision']['status']}")  # fmt: skip
@@ -180,25 +182,41 @@ def cmd_status(client: Client, args: argparse.Namespace, out: Output) -> int:
 
 def _replicas_line(deployment: dict[str, Any]) -> str:
     ready = sum(1 for r in deployment.get("replicas", []) if r["state"] == "ready")
-    return f"{ready}/{deployment.get('min_replicas', 1)} replicas ready"
+    wanted = deployment.get("replicas_wanted", deployment.get("min_replicas", 1))
+    return f"{ready}/{wanted} replicas ready"
 
 
 def cmd_scale(client: Client, args: argparse.Namespace, out: Output) -> int:
     deployment = client.deployment_find(args.model, args.deployment)
-    fields = {"min_replicas": args.min}
-    if args.max is not None:
-        fields["max_replicas"] = args.max
+    fields: dict[str, Any] = {}
+    for name, value in (
+        ("min_replicas", args.min),
+        ("max_replicas", args.max),
+        ("autoscale_target_inflight", args.autoscale_target),
+        ("autoscale_cooldown_s", args.cooldown),
+    ):
+        if value is not None:
+            fields[name] = value
+    if not fields:
+        out.result({}, "Give --min, --max, --autoscale-target or --cooldown.")
+        return EXIT_REFUSED
     updated = client.deployment_update(deployment["id"], **fields)
+    target = updated.get("autoscale_target_inflight")
+    autoscale = (
+        f", autoscaling at {target:g} in flight per replica"
+        if target and updated["max_replicas"] > updated["min_replicas"]
+        else ""
+    )
     out.progress(
         f"{args.model}/{args.deployment}: {updated['min_replicas']}..{updated['max_replicas']} "
-        "replicas"
+        f"replicas{autoscale}"
     )
     if args.wait:
         deadline = time.monotonic() + args.timeout
         while True:
             updated = client.deployment(deployment["id"])
             ready = sum(1 for r in updated["replicas"] if r["state"] == "ready")
-            if ready == updated["min_replicas"] and updated["status"] == "running":
+            if ready == updated["replicas_wanted"] and updated["status"] == "running":
                 break
             if time.monotonic() > deadline:
                 out.result({"deployment": updated}, f"Timed out: {_replicas_line(updated)}")
@@ -394,6 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--wait", action="store_true")
     deploy.add_argument("--min-replicas", type=int, help="Instances that serve it (default 1).")
     deploy.add_argument("--max-replicas", type=int, help="Upper bound (default: the minimum).")
+    deploy.add_argument("--gpus", type=int, help="With --device gpu: GPUs per replica (default 1).")
+    deploy.add_argument(
+        "--gpu-ids", help="With --device gpu: exactly these GPUs (device ids, comma-separated)."
+    )
     deploy.set_defaults(handler=cmd_deploy)
 
     status = commands.add_parser(
@@ -415,8 +437,14 @@ def build_parser() -> argparse.ArgumentParser:
     scale = commands.add_parser("scale", parents=sub, help="Change a deployment's replicas.")
     scale.add_argument("--model", required=True)
     scale.add_argument("--deployment", default="production")
-    scale.add_argument("--min", type=int, required=True, help="Replicas that serve it.")
+    scale.add_argument("--min", type=int, help="Replicas that serve it at least.")
     scale.add_argument("--max", type=int, help="Upper bound (default: at least --min).")
+    scale.add_argument(
+        "--autoscale-target", type=float,
+        help="Autoscale between --min and --max at about this many requests in flight per "
+        "replica (0: off).",
+    )  # fmt: skip
+    scale.add_argument("--cooldown", type=int, help="Seconds with no scale-down after a change.")
     scale.add_argument("--wait", action="store_true", help="Wait until that many are ready.")
     scale.set_defaults(handler=cmd_scale)
 
@@ -438,7 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument(
         "--mapping", help='Input -> column(s) as JSON, e.g. \'{"input": ["a", "b", "c", "d"]}\'.'
     )
-    batch.add_argument("--chunk-rows", type=int, help="Rows per chunk (server default 4096).")
+    batch.add_argument(
+        "--chunk-rows", type=int, help="Rows per chunk (default: the fastest the job finds)."
+    )
     batch.add_argument("--max-errors", type=int, help="Rows allowed to fail (-1: any number).")
     batch.add_argument("--wait", action="store_true", help="Show progress until it ends.")
     batch.add_argument("--output", help="Download the output here (a file or a folder).")

@@ -149,12 +149,18 @@ class Client:
         device: str,
         min_replicas: int | None = None,
         max_replicas: int | None = None,
+        gpu_count: int | None = None,
+        gpu_ids: str | None = None,
     ) -> dict[str, Any]:
         body: dict[str, Any] = {"deployment": deployment, "device": device}
-        if min_replicas is not None:
-            body["min_replicas"] = min_replicas
-        if max_replicas is not None:
-            body["max_replicas"] = max_replicas
+        for field, value in (
+            ("min_replicas", min_replicas),
+            ("max_replicas", max_replicas),
+            ("gpu_count", gpu_count),
+            ("gpu_ids", gpu_ids),
+        ):
+            if value is not None:
+                body[field] = value
         result: dict[str, Any] = self._request(
             "POST", f"models/{model}/versions/{number}/deploy", json=body
         )

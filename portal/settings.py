@@ -391,7 +391,11 @@ MODELPORT_STALE_AFTER_S = env_int("MODELPORT_STALE_AFTER_S", 900, minimum=30)
 # Batch jobs (README "Batch jobs"): rows per chunk (and per request to the runtime), rows
 # allowed to fail unless a job says otherwise, the serving instance's quota, and how long
 # a running job's row may stay untouched before the resume sweep hands it to a worker.
-MODELPORT_BATCH_CHUNK_ROWS = env_int("MODELPORT_BATCH_CHUNK_ROWS", 4096, minimum=1)
+# 0: each job tries a few chunk sizes on its first rows and runs at the fastest.
+# How often the watcher reads each ready replica's metrics (rate, p99, requests in
+# flight), and so how often autoscaling decides.
+MODELPORT_REPLICA_METRICS_S = max(env_float("MODELPORT_REPLICA_METRICS_S", 5.0), 0.5)
+MODELPORT_BATCH_CHUNK_ROWS = env_int("MODELPORT_BATCH_CHUNK_ROWS", 0, minimum=0)
 MODELPORT_BATCH_MAX_ERRORS = env_int("MODELPORT_BATCH_MAX_ERRORS", 100, minimum=-1)
 MODELPORT_BATCH_CPUS = env_int("MODELPORT_BATCH_CPUS", 1, minimum=1)
 MODELPORT_BATCH_MEMORY_MB = env_int("MODELPORT_BATCH_MEMORY_MB", 1024, minimum=128)

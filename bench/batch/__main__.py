@@ -2,7 +2,7 @@
 the scoring process's peak RSS, for a small file and a large one (at least 1 GB).
 
     .venv/bin/python -m bench.batch [--large-gb 1.0] [--small-mb 64] [--format csv]
-                                    [--chunk-rows 4096] [--repeats 3] [--large-repeats 1]
+                                    [--chunk-rows 0] [--repeats 3] [--large-repeats 1]
 
 The files are generated under the system's temporary folder at run time (a tabular MLP,
 16 -> 64 -> 64 -> 2, and 16 float columns) and removed afterwards unless ``--keep``.
@@ -10,8 +10,10 @@ Each job runs in a fresh child process; its peak RSS comes from ``wait4``:
 
 - runtime: ``deployer.batch.run_batch`` with a local serving instance of the model
   (``serving_instance``, the same operation a batch worker runs), V2 REST binary tensors;
+  Given no chunk size it first probes the fastest (``probe_chunk_rows``, as a batch job
+  does), inside its timed run;
 - in-process: the same reader, mapping, chunking and writer, with onnxruntime in the
-  process at the same batch size.
+  process at the same batch size (the one the runtime job chose).
 
 Both produce the same output file; the benchmark checks their digests agree. Target
 (issue 15): runtime rows/s at least 80 % of in-process, and a peak RSS that does not
@@ -68,15 +70,16 @@ def generate_parquet(path: Path, target_bytes: int) -> int:
 
 
 CHILD = """
-import json, sys, time
+import dataclasses, json, sys, time
 from pathlib import Path
 from deployer.batch import (BatchRequest, InputFormat, InstanceRequest, OnnxScorer, V2Scorer,
-                            run_batch, serving_instance)
+                            probe_chunk_rows, run_batch, serving_instance)
 from deployer.runtimes.local import LocalProcessRuntime
 mode, source, fmt, model, work, out, chunk = sys.argv[1:8]
 request = BatchRequest(Path(source), InputFormat(fmt), Path(work), Path(out),
-                       chunk_rows=int(chunk), max_errors=0)
+                       chunk_rows=int(chunk) or 1, max_errors=0)
 local = OnnxScorer(Path(model))
+probe = {}
 started = time.monotonic()
 if mode == "inprocess":
     result = run_batch(request, local)
@@ -87,9 +90,15 @@ else:
     with serving_instance(runtime, spec) as (launch, headers):
         scorer = V2Scorer(launch.url, "mlp", local.signature, headers=headers)
         started = time.monotonic()
+        if not int(chunk):  # as a batch job given no chunk size: the probe is in its time
+            chosen = probe_chunk_rows(request, scorer)
+            probe = {"chosen": chosen.chosen, "rows_per_s": chosen.rows_per_s}
+            request = dataclasses.replace(request, chunk_rows=chosen.chosen)
         result = run_batch(request, scorer)
-print(json.dumps({"rows": result.rows, "seconds": time.monotonic() - started,
-                  "rows_per_s": result.rows_per_s, "sha256": result.output_sha256}))
+seconds = time.monotonic() - started
+print(json.dumps({"rows": result.rows, "seconds": seconds, "rows_per_s": result.rows / seconds,
+                  "chunk_rows": request.chunk_rows, "probe": probe,
+                  "sha256": result.output_sha256}))
 """
 
 
@@ -129,7 +138,11 @@ def main() -> None:
     parser.add_argument("--large-gb", type=float, default=1.0)
     parser.add_argument("--small-mb", type=float, default=64)
     parser.add_argument("--format", choices=("csv", "parquet"), default="csv")
-    parser.add_argument("--chunk-rows", type=int, default=4096)
+    parser.add_argument(
+        "--chunk-rows", type=int, default=0,
+        help="rows per chunk; 0: the runtime job probes (as a batch job given none), and the "
+        "in-process job runs at the size it chose",
+    )  # fmt: skip
     parser.add_argument("--repeats", type=int, default=3, help="runs of the small file")
     parser.add_argument("--large-repeats", type=int, default=1, help="runs of the large file")
     parser.add_argument("--keep", action="store_true")
@@ -157,13 +170,19 @@ def main() -> None:
             pairs = []
             for _ in range(repeats):  # alternating, so both see the same load
                 runtime = run_child("runtime", source, args.format, model, folder, args.chunk_rows)
-                local = run_child("inprocess", source, args.format, model, folder, args.chunk_rows)
+                chunk = runtime["chunk_rows"]
+                local = run_child("inprocess", source, args.format, model, folder, chunk)
                 if runtime["sha256"] != local["sha256"]:
                     raise SystemExit(f"{label}: the two outputs differ")
                 pairs.append((runtime, local))
+                tried = ", ".join(
+                    f"{rows}: {rate:.0f}"
+                    for rows, rate in runtime["probe"].get("rows_per_s", {}).items()
+                )
                 print(
                     f"  runtime {runtime['rows_per_s']:.0f} rows/s, in-process "
-                    f"{local['rows_per_s']:.0f} rows/s",
+                    f"{local['rows_per_s']:.0f} rows/s, chunk {chunk} rows"
+                    + (f" (probed rows/s: {tried})" if tried else ""),
                     flush=True,
                 )
             rows_out.append((label, size_mb, rows, _median(pairs, 0), _median(pairs, 1)))
@@ -173,8 +192,9 @@ def main() -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
     print()
+    chunking = f"chunk {args.chunk_rows} rows" if args.chunk_rows else "chunk size probed"
     print(
-        f"format {args.format}, chunk {args.chunk_rows} rows, model MLP 16-64-64-2; "
+        f"format {args.format}, {chunking}, model MLP 16-64-64-2; "
         "median rows/s of the repeats, highest peak RSS"
     )
     header = (

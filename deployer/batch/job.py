@@ -26,7 +26,13 @@ import numpy as np
 
 from deployer.batch.formats import Chunk, Column, InputFormat, Reader, open_reader
 from deployer.batch.mapping import InputMapping, MappingError, chunk_feeds, plan_mapping
-from deployer.batch.scorer import RowsRefused, Scorer, merge_outputs, rows_per_request
+from deployer.batch.scorer import (
+    MAX_REQUEST_BYTES,
+    RowsRefused,
+    Scorer,
+    merge_outputs,
+    rows_per_request,
+)
 from deployer.batch.writers import (
     assemble,
     file_sha256,
@@ -40,6 +46,8 @@ from deployer.signature import Signature
 
 FIRST_ERRORS_KEPT = 10
 DEFAULT_CHUNK_ROWS = 4096
+# The chunk sizes a job tries on its first rows when none is given (the fastest wins).
+PROBE_CHUNK_ROWS = (1024, 4096, 16384, 65536)
 T = TypeVar("T")
 
 
@@ -142,6 +150,78 @@ def plan_batch(
                 input_name=name,
             )
     return BatchPlan(columns=reader.columns, mapping=chosen, total_rows=reader.total_rows)
+
+
+@dataclass(frozen=True)
+class ChunkProbe:
+    """The chunk size a job runs at: the fastest of those tried on the file's first rows."""
+
+    chosen: int
+    # Rows per second the scorer gave at each size tried.
+    rows_per_s: dict[int, float]
+
+    def describe(self) -> str:
+        tried = ", ".join(f"{rows:,}: {rate:,.0f} rows/s" for rows, rate in self.rows_per_s.items())
+        return f"{self.chosen:,} rows per chunk, the fastest tried ({tried})"
+
+
+def probe_chunk_rows(
+    request: BatchRequest,
+    scorer: Scorer,
+    candidates: Sequence[int] = PROBE_CHUNK_ROWS,
+    *,
+    min_timed_rows: int = 8192,
+    max_share: float = 0.05,
+) -> ChunkProbe:
+    """Score the file's first rows at each of ``candidates`` rows per chunk and time it.
+
+    Each size scores the same first rows: two chunks' worth, at least ``min_timed_rows``
+    (after one untimed request that opens the connection). A size is tried only when its
+    rows are at most ``max_share`` of the file (the probe's work is not the job's), and
+    when a chunk of it stays within one request's bytes (``MAX_REQUEST_BYTES`` of model
+    input). With none to try, the job runs at ``DEFAULT_CHUNK_ROWS`` (or the whole file,
+    or what fits a request, when smaller). The probe writes nothing.
+    """
+    head = open_reader(request.input_path, request.input_format, 64)
+    sample = next(head.chunks(0), None)
+    if sample is None or sample.rows == 0:
+        return ChunkProbe(chosen=DEFAULT_CHUNK_ROWS, rows_per_s={})
+    mapping = plan_mapping(scorer.signature, head.columns, request.mapping)
+    small = chunk_feeds(sample, mapping, scorer.signature)
+    row_bytes = max(sum(a.nbytes for a in small.arrays.values()) // max(len(small.ok), 1), 1)
+    fit = max(MAX_REQUEST_BYTES // row_bytes, 1)
+    total_rows = head.total_rows
+
+    def timed(size: int) -> int:
+        return max(2 * size, min_timed_rows) // size * size
+
+    sizes = [
+        size
+        for size in sorted(set(candidates))
+        if size <= fit and timed(size) <= max_share * total_rows
+    ]
+    if not sizes:
+        return ChunkProbe(chosen=min(DEFAULT_CHUNK_ROWS, fit, max(total_rows, 1)), rows_per_s={})
+    reader = open_reader(request.input_path, request.input_format, max(map(timed, sizes)))
+    feeds = chunk_feeds(next(reader.chunks(0)), mapping, scorer.signature)
+    rows = int(feeds.ok.sum())
+    _score_chunk(scorer, _rows(feeds.arrays, 0, sizes[0]), np.ones(sizes[0], dtype=bool), {})
+    rates: dict[int, float] = {}
+    for size in sizes:
+        total = min(timed(size), rows // size * size)
+        if total == 0:
+            continue
+        started = time.perf_counter()
+        for begin in range(0, total, size):
+            _score_chunk(scorer, _rows(feeds.arrays, begin, size), np.ones(size, dtype=bool), {})
+        rates[size] = total / max(time.perf_counter() - started, 1e-9)
+    if not rates:
+        return ChunkProbe(chosen=min(DEFAULT_CHUNK_ROWS, fit), rows_per_s={})
+    return ChunkProbe(chosen=max(rates, key=lambda size: rates[size]), rows_per_s=rates)
+
+
+def _rows(arrays: dict[str, np.ndarray], begin: int, count: int) -> dict[str, np.ndarray]:
+    return {name: values[begin : begin + count] for name, values in arrays.items()}
 
 
 class _Checkpoint:

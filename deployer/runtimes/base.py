@@ -51,6 +51,8 @@ class LaunchResult:
     # (a runtime that hands addresses between instances; empty otherwise).
     public_url: str = ""
     public_grpc: str = ""
+    # The GPUs (device ids) placed for it; empty on the CPU.
+    gpus: tuple[str, ...] = ()
 
 
 class InstanceState(enum.StrEnum):

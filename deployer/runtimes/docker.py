@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -223,6 +224,7 @@ class DockerRuntime:
                 f"{port}/tcp": (self.settings.publish_host, None) for port in SERVING_PORTS.values()
             }
         with contextlib.ExitStack() as placing:
+            devices: tuple[str, ...] = ()
             if spec.device == "gpu":
                 # Chosen and started under one lock: two rollouts never pick the same GPU.
                 placing.enter_context(placement_lock(self.settings.log_dir.parent / "gpu.lock"))
@@ -231,7 +233,7 @@ class DockerRuntime:
                     DeviceRequest(device_ids=list(devices), capabilities=[["gpu"]])
                 ]
                 options["labels"] = {**labels, GPUS: ",".join(devices)}
-            return self._create_and_start(spec, options)
+            return dataclasses.replace(self._create_and_start(spec, options), gpus=devices)
 
     def _gpu_inventory(self) -> tuple[str, ...]:
         return self.settings.gpu_devices or discover_inventory()

@@ -36,6 +36,7 @@ from deployer.runtimes.base import (
     LaunchSpec,
     OwnedInstance,
 )
+from deployer.runtimes.gpus import discover_inventory, place, placement_lock
 from deployer.serving.listen_socket import activate, bind_public, fetch_fds
 
 
@@ -64,17 +65,44 @@ class LocalProcessRuntime:
     name = "local"
 
     def __init__(
-        self, state_dir: Path, *, host: str = "127.0.0.1", stable_address: bool = False
+        self,
+        state_dir: Path,
+        *,
+        host: str = "127.0.0.1",
+        stable_address: bool = False,
+        gpu_devices: tuple[str, ...] = (),
     ) -> None:
         self.state_dir = state_dir
         self.host = host
         self.stable_address = stable_address
+        # The host's GPUs (device ids); empty: the ones nvidia-smi lists here, if any.
+        self.gpu_devices = gpu_devices
         self.state_dir.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------ interface
     def start(self, spec: LaunchSpec) -> LaunchResult:
         if not spec.model_path.is_file():
             raise LaunchError(f"The model file for {spec.model_name} is missing from storage.")
+        if spec.device != "gpu":
+            return self._start(spec, ())
+        # Chosen and started under one lock: two rollouts never pick the same GPU. The
+        # instance sees only its own (CUDA_VISIBLE_DEVICES), as its device 0 and on.
+        with placement_lock(self.state_dir / "gpu.lock"):
+            devices = place(self.gpu_devices or discover_inventory(), self.gpus_in_use(), spec.gpus)
+            return self._start(spec, devices)
+
+    def gpus_in_use(self) -> dict[str, str]:
+        """Device id -> the instance of ours holding it (until it is stopped)."""
+        held: dict[str, str] = {}
+        for state in self._states():
+            for device in state.get("gpus") or ():
+                held[str(device)] = (
+                    f"deployment {state.get('deployment_id', '?')} "
+                    f"revision {state.get('revision_id', '?')}"
+                )
+        return held
+
+    def _start(self, spec: LaunchSpec, gpus: tuple[str, ...]) -> LaunchResult:
         http_port = free_port(self.host)
         grpc_port = free_port(self.host)
         metrics_port = free_port(self.host)
@@ -121,7 +149,7 @@ class LocalProcessRuntime:
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
-                    env=self._env(),
+                    env=self._env(gpus),
                     pass_fds=[sock.fileno() for sock in public],
                 )
         finally:
@@ -144,6 +172,7 @@ class LocalProcessRuntime:
             "log": log_path.name,
             "labels": spec.labels,
             "control": control.name if self.stable_address else "",
+            "gpus": list(gpus),
         }
         self._state_path(handle).write_text(json.dumps(state))
         # A second name for the log, found from the handle alone: a failed instance's page
@@ -158,6 +187,7 @@ class LocalProcessRuntime:
             metrics_url=f"http://{self.host}:{metrics_port}/metrics",
             public_url=f"http://{self.host}:{public_ports[0]}" if public_ports[0] else "",
             public_grpc=f"{self.host}:{public_ports[1]}" if public_ports[1] else "",
+            gpus=gpus,
         )
 
     @staticmethod
@@ -386,8 +416,10 @@ class LocalProcessRuntime:
         return f"process {pid} has exited"
 
     @staticmethod
-    def _env() -> dict[str, str]:
+    def _env(gpus: tuple[str, ...] = ()) -> dict[str, str]:
         keep = ("PATH", "LANG", "LC_ALL", "HOME", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV")
         env = {key: os.environ[key] for key in keep if key in os.environ}
         env["PYTHONUNBUFFERED"] = "1"
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
         return env

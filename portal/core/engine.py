@@ -79,6 +79,7 @@ def runtime_named(name: str) -> Runtime:
         local_state_dir(),
         host=settings.MODELPORT_SERVING_HOST,
         stable_address=proxy() is None and settings.MODELPORT_LOCAL_HANDOVER,
+        gpu_devices=parse_inventory(settings.MODELPORT_GPU_DEVICES),
     )
 
 

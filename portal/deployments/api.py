@@ -68,6 +68,8 @@ class DeployView(APIView):
             memory_mb=fields.get("memory_mb"),
             min_replicas=fields.get("min_replicas"),
             max_replicas=fields.get("max_replicas"),
+            gpu_count=fields.get("gpu_count"),
+            gpu_ids=fields.get("gpu_ids"),
             user=access.user,
         )
         return _accepted(revision.pk, revision.deployment_id)
@@ -109,13 +111,26 @@ class DeploymentDetailView(APIView):
         fields = data.validated_data
         if "public" in fields:
             access.require(Role.ADMIN, "make deployments public or private")
-        if "min_replicas" in fields or "max_replicas" in fields:
+        scaling = (
+            "min_replicas",
+            "max_replicas",
+            "autoscale_target_inflight",
+            "autoscale_cooldown_s",
+        )
+        if any(name in fields for name in scaling):
             access.require(Role.MEMBER, "change the replicas of deployments")
+            autoscale = (
+                {"target_inflight": fields["autoscale_target_inflight"]}
+                if "autoscale_target_inflight" in fields
+                else {}
+            )
             replicas.deployment_scale(
                 deployment=deployment,
                 min_replicas=fields.get("min_replicas"),
                 max_replicas=fields.get("max_replicas"),
+                cooldown_s=fields.get("autoscale_cooldown_s"),
                 user=access.user,
+                **autoscale,
             )
         if "public" in fields:
             services.deployment_public_set(

@@ -47,6 +47,17 @@ class Deployment(models.Model):
     # deployment runs min_replicas; max_replicas bounds what autoscaling may add.
     min_replicas = models.PositiveSmallIntegerField(default=1)
     max_replicas = models.PositiveSmallIntegerField(default=1)
+    # Autoscaling (on when a target is set and max_replicas > min_replicas): about this
+    # many requests in flight per replica, no scale-down within the cooldown of a change.
+    # replica_target is what the autoscaler chose last (0: nothing chosen yet).
+    autoscale_target_inflight = models.FloatField(null=True, blank=True)
+    autoscale_cooldown_s = models.PositiveIntegerField(default=60)
+    replica_target = models.PositiveSmallIntegerField(default=0)
+    scaled_at = models.DateTimeField(null=True, blank=True)
+    # With device "gpu": how many GPUs each replica gets, or exactly which (comma-separated
+    # device ids; then the count is their number). Replicas are spread over free GPUs.
+    gpu_count = models.PositiveSmallIntegerField(default=1)
+    gpu_ids = models.CharField(max_length=400, blank=True)
     error = models.TextField(blank=True)
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, related_name="+"
@@ -68,6 +79,18 @@ class Deployment(models.Model):
 
     def __str__(self) -> str:
         return f"{self.model.name}/{self.name}"
+
+    @property
+    def autoscaling(self) -> bool:
+        return self.autoscale_target_inflight is not None and self.max_replicas > self.min_replicas
+
+    @property
+    def replicas_wanted(self) -> int:
+        """How many replicas run now: min_replicas, or the autoscaler's choice within
+        min..max when autoscaling is on."""
+        if not self.autoscaling or not self.replica_target:
+            return self.min_replicas
+        return min(max(self.replica_target, self.min_replicas), self.max_replicas)
 
     @property
     def is_final(self) -> bool:
@@ -190,6 +213,10 @@ class Replica(models.Model):
     internal_url = models.CharField(max_length=255, blank=True)
     internal_grpc = models.CharField(max_length=255, blank=True)
     metrics_url = models.CharField(max_length=255, blank=True)
+    # Mean requests in flight over the last scrape interval (Little's law; autoscaling).
+    inflight = models.FloatField(null=True, blank=True)
+    # The GPUs (device ids, comma-separated) the runtime placed it on; empty on the CPU.
+    gpus = models.CharField(max_length=400, blank=True)
     # How many replicas of this slot ended before this one (0: the first).
     restarts = models.PositiveIntegerField(default=0)
     # Why it ended ("killed by signal SIGKILL", "exited with code 3", OOM, readiness).

@@ -16,13 +16,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models.functions import Now
 from django.utils import timezone
 
+from deployer.autoscale import MIN_TARGET_INFLIGHT, AutoscalePolicy, decide, inflight
 from deployer.checks import check_known_answer, wait_until_ready
 from deployer.errors import DeployerError, LaunchError
 from deployer.logs import failure_cause, strip_ansi
@@ -35,6 +36,7 @@ from deployer.runtimes.base import (
     LaunchSpec,
     Runtime,
 )
+from deployer.runtimes.gpus import GpuRequest
 from portal.core import engine
 from portal.core.api import ApiError
 from portal.core.choices import EventLevel
@@ -103,6 +105,7 @@ def replica_start(
                 model_path=served,
                 image=image,
                 device=deployment.device,
+                gpus=GpuRequest.parse(deployment.gpu_count, deployment.gpu_ids),
                 cpus=float(deployment.cpus),
                 memory_mb=deployment.memory_mb,
                 pids_limit=deployment.pids_limit,
@@ -123,9 +126,12 @@ def replica_start(
         raise
     replica.handle, replica.internal_url = launch.handle, launch.url
     replica.internal_grpc, replica.metrics_url = launch.grpc_address, launch.metrics_url
+    replica.gpus = ",".join(launch.gpus)
     replica.save(
-        update_fields=["handle", "internal_url", "internal_grpc", "metrics_url", "updated_at"]
-    )
+        update_fields=[
+            "handle", "internal_url", "internal_grpc", "metrics_url", "gpus", "updated_at",
+        ]
+    )  # fmt: skip
     return Started(replica, launch)
 
 
@@ -356,7 +362,7 @@ def backoff_left(deployment: Deployment) -> float:
 
 
 def deployment_replicas_heal(*, deployment_id: int) -> dict[str, int]:
-    """Bring the live revision's replicas to ``min_replicas``: replace those that ended
+    """Bring the live revision's replicas to ``replicas_wanted``: replace those that ended
     (after the back-off), stop extras, and say RUNNING or DEGRADED."""
     from portal.deployments.tasks import deployment_replicas_heal as heal_task
 
@@ -373,7 +379,7 @@ def deployment_replicas_heal(*, deployment_id: int) -> dict[str, int]:
     revision = deployment.current_revision
     if revision.status != RevisionStatus.LIVE or not revision.replicas.exists():
         return counts  # a revision from before replicas: reconcile restarts it
-    want = deployment.min_replicas
+    want = deployment.replicas_wanted
     active = list(revision.replicas.filter(state__in=ACTIVE_REPLICA_STATES))
     extras = [r for r in active if r.slot >= want]
     for replica in extras:
@@ -474,14 +480,9 @@ def _image_of(revision: Revision, runtime: Runtime) -> str:
 def _status_set(deployment: Deployment, revision: Revision) -> str:
     """RUNNING with every replica ready, DEGRADED with fewer (and the count why)."""
     ready = revision.replicas.filter(state=ReplicaState.READY).count()
-    status = (
-        DeploymentStatus.RUNNING if ready >= deployment.min_replicas else DeploymentStatus.DEGRADED
-    )
-    error = (
-        ""
-        if status == DeploymentStatus.RUNNING
-        else f"{ready} of {deployment.min_replicas} replicas are ready."
-    )
+    want = deployment.replicas_wanted
+    status = DeploymentStatus.RUNNING if ready >= want else DeploymentStatus.DEGRADED
+    error = "" if status == DeploymentStatus.RUNNING else f"{ready} of {want} replicas are ready."
     Deployment.objects.filter(
         pk=deployment.pk,
         status__in=SERVING_DEPLOYMENT_STATUSES,
@@ -494,10 +495,21 @@ def _status_set(deployment: Deployment, revision: Revision) -> str:
 # ---------------------------------------------------------------- scaling
 
 
+_KEEP: Any = object()
+
+
 def deployment_scale(
-    *, deployment: Deployment, min_replicas: int | None, max_replicas: int | None, user: User
+    *,
+    deployment: Deployment,
+    min_replicas: int | None,
+    max_replicas: int | None,
+    user: User,
+    target_inflight: float | None = _KEEP,
+    cooldown_s: int | None = None,
 ) -> bool:
-    """Change how many replicas serve the deployment (members; checked by the caller).
+    """Change how many replicas serve the deployment, and its autoscaling (members;
+    checked by the caller). ``target_inflight``: requests in flight per replica the
+    autoscaler aims at; None or 0 turns it off (kept when not given).
 
     On the timeline; the deploy worker starts or stops replicas to match.
     """
@@ -510,20 +522,54 @@ def deployment_scale(
         if max_replicas is None and high < low:
             high = low
         replicas_check(low, high)
-        if (low, high) == (locked.min_replicas, locked.max_replicas):
+        target = locked.autoscale_target_inflight if target_inflight is _KEEP else target_inflight
+        target = target or None
+        if target is not None and target < MIN_TARGET_INFLIGHT:
+            raise ApiError(
+                f"The autoscaling target must be at least {MIN_TARGET_INFLIGHT} requests in "
+                "flight per replica (0 turns autoscaling off).",
+                code="invalid_autoscale",
+            )
+        cooldown = locked.autoscale_cooldown_s if cooldown_s is None else cooldown_s
+        now = (low, high, target, cooldown)
+        before = (
+            locked.min_replicas, locked.max_replicas, locked.autoscale_target_inflight,
+            locked.autoscale_cooldown_s,
+        )  # fmt: skip
+        if now == before:
             return False
-        before = (locked.min_replicas, locked.max_replicas)
+        wanted_before = locked.replicas_wanted
         locked.min_replicas, locked.max_replicas = low, high
-        locked.save(update_fields=["min_replicas", "max_replicas", "updated_at"])
-        deployment.min_replicas, deployment.max_replicas = low, high
+        locked.autoscale_target_inflight, locked.autoscale_cooldown_s = target, cooldown
+        if not locked.replica_target:
+            locked.replica_target = wanted_before
+        locked.save(
+            update_fields=[
+                "min_replicas", "max_replicas", "autoscale_target_inflight",
+                "autoscale_cooldown_s", "replica_target", "updated_at",
+            ]
+        )  # fmt: skip
+        for name in ("min_replicas", "max_replicas", "autoscale_target_inflight"):
+            setattr(deployment, name, getattr(locked, name))
+        deployment.autoscale_cooldown_s = locked.autoscale_cooldown_s
+        deployment.replica_target = locked.replica_target
+        autoscale = (
+            f"; autoscaling at {target:g} in flight per replica, cooldown {cooldown} s"
+            if locked.autoscaling
+            else ""
+        )
         event_record(
             team=locked.model.team,
             actor=user,
             deployment=locked,
             step="scale",
-            message=f"Replicas of {locked.name}: {before[0]}..{before[1]} → {low}..{high}",
-            data={"min_replicas": low, "max_replicas": high},
-        )
+            message=f"Replicas of {locked.name}: {before[0]}..{before[1]} → {low}..{high}"
+            + autoscale,
+            data={
+                "min_replicas": low, "max_replicas": high, "autoscale_target_inflight": target,
+                "autoscale_cooldown_s": cooldown,
+            },
+        )  # fmt: skip
         if locked.status in SERVING_DEPLOYMENT_STATUSES:
             transaction.on_commit(partial(deployment_replicas_heal.delay, locked.pk))
     return True
@@ -546,15 +592,17 @@ def replicas_check(low: int, high: int) -> None:
 
 
 def replica_metrics_record(*, replica: Replica, snapshot: MetricsSnapshot) -> None:
-    """Its request rate and p99 since the previous scrape (the watcher scrapes)."""
+    """Its request rate, p99 and requests in flight since the previous scrape (the watcher
+    scrapes)."""
     now = timezone.now()
     last = replica.metrics_last or {}
-    rate = p99 = None
+    rate = p99 = busy = None
     if last.get("at"):
         seconds = now.timestamp() - float(last["at"])
         requests = snapshot.success + snapshot.failure - float(last.get("total", 0))
         if seconds > 0 and requests >= 0:
             rate = requests / seconds
+            busy = inflight(float(last.get("seconds", 0)), snapshot.latency_sum, seconds)
         before = {float(b): float(c) for b, c in last.get("buckets", [])}
         delta = [(b, c - before.get(b, 0.0)) for b, c in snapshot.latency_buckets]
         q = quantile(delta, 0.99) if delta and delta[-1][1] > 0 else None
@@ -562,10 +610,77 @@ def replica_metrics_record(*, replica: Replica, snapshot: MetricsSnapshot) -> No
     Replica.objects.filter(pk=replica.pk).update(
         rate_per_s=rate,
         p99_ms=p99,
+        inflight=busy,
         metrics_at=now,
         metrics_last={
             "at": now.timestamp(),
             "total": snapshot.success + snapshot.failure,
+            "seconds": snapshot.latency_sum,
             "buckets": [["+Inf" if math.isinf(b) else b, c] for b, c in snapshot.latency_buckets],
         },
     )
+
+
+# ---------------------------------------------------------------- autoscaling
+
+
+def deployment_autoscale(*, deployment_id: int) -> str:
+    """One autoscaling step: the replicas' requests in flight against the deployment's
+    target; a change is recorded (timeline: the decision and why) and the deploy worker
+    starts or stops replicas to match. Returns the decision's line ("" for none)."""
+    from portal.deployments.tasks import deployment_replicas_heal
+
+    fresh = timezone.now() - timedelta(seconds=3 * settings.MODELPORT_REPLICA_METRICS_S)
+    with transaction.atomic():
+        deployment = (
+            Deployment.objects.select_for_update()
+            .select_related("model__team", "current_revision")
+            .filter(pk=deployment_id, status__in=SERVING_DEPLOYMENT_STATUSES)
+            .first()
+        )
+        if deployment is None or not deployment.autoscaling or deployment.current_revision is None:
+            return ""
+        revision = deployment.current_revision
+        if revision.status != RevisionStatus.LIVE:
+            return ""
+        if deployment.revisions.filter(status__in=WORKING_REVISION_STATUSES).exists():
+            return ""  # a rollout is on
+        active = list(revision.replicas.filter(state__in=ACTIVE_REPLICA_STATES))
+        if any(r.state == ReplicaState.STARTING for r in active):
+            return ""  # the last change is still coming up
+        loads = [
+            r.inflight
+            for r in active
+            if r.inflight is not None and r.metrics_at is not None and r.metrics_at >= fresh
+        ]
+        if len(loads) < len(active):
+            return ""  # wait until every replica has been measured
+        since = (
+            (timezone.now() - deployment.scaled_at).total_seconds()
+            if deployment.scaled_at
+            else None
+        )
+        policy = AutoscalePolicy(
+            min_replicas=deployment.min_replicas,
+            max_replicas=deployment.max_replicas,
+            target_inflight=float(deployment.autoscale_target_inflight or 1.0),
+            cooldown_s=float(deployment.autoscale_cooldown_s),
+        )
+        decision = decide(policy, deployment.replicas_wanted, loads, since_last_change_s=since)
+        if decision is None:
+            return ""
+        deployment.replica_target, deployment.scaled_at = decision.replicas, timezone.now()
+        deployment.save(update_fields=["replica_target", "scaled_at", "updated_at"])
+        event_record(
+            team=deployment.model.team,
+            deployment=deployment,
+            step="autoscale",
+            message=decision.reason,
+            data={
+                "before": decision.before,
+                "replicas": decision.replicas,
+                "inflight_per_replica": round(decision.inflight_per_replica, 3),
+            },
+        )
+        transaction.on_commit(partial(deployment_replicas_heal.delay, deployment.pk))
+    return decision.reason

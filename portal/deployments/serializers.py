@@ -8,6 +8,7 @@ from typing import Any
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from deployer.runtimes.gpus import MAX_GPUS, GpuPlacementError, GpuRequest
 from portal.deployments.async_inference import deployment_async_queue
 from portal.deployments.choices import Device
 from portal.deployments.models import MAX_REPLICAS, Deployment, Replica, Revision
@@ -32,6 +33,7 @@ class ReplicaSerializer(serializers.ModelSerializer[Replica]):
         fields = [
             "id", "slot", "state", "version", "address", "grpc_address", "started_at",
             "ready_at", "ended_at", "restarts", "cause", "rate_per_s", "p99_ms", "metrics_at",
+            "inflight", "gpus",
         ]  # fmt: skip
 
 
@@ -44,13 +46,17 @@ class DeploymentSerializer(serializers.ModelSerializer[Deployment]):
         help_text="Async requests waiting or running, the oldest one's age, answers kept."
     )
     replicas = serializers.SerializerMethodField()
+    replicas_wanted = serializers.IntegerField(
+        read_only=True, help_text="replicas it runs now (min_replicas, or autoscaling's choice)"
+    )
 
     class Meta:
         model = Deployment
         fields = [
             "id", "model", "name", "status", "device", "cpus", "memory_mb", "endpoint_url",
-            "grpc_address", "public", "min_replicas", "max_replicas", "replicas",
-            "current_version", "error", "created_at", "updated_at", "async_queue",
+            "grpc_address", "public", "min_replicas", "max_replicas", "gpu_count", "gpu_ids",
+            "autoscale_target_inflight", "autoscale_cooldown_s", "replicas_wanted", "scaled_at",
+            "replicas", "current_version", "error", "created_at", "updated_at", "async_queue",
         ]  # fmt: skip
 
     @extend_schema_field(ReplicaSerializer(many=True))
@@ -101,6 +107,27 @@ class DeployRequestSerializer(serializers.Serializer[Any]):
     max_replicas = serializers.IntegerField(
         min_value=1, max_value=MAX_REPLICAS, required=False, help_text="upper bound"
     )
+    gpu_count = serializers.IntegerField(
+        min_value=1, max_value=MAX_GPUS, required=False, help_text="GPUs per replica (device gpu)"
+    )
+    gpu_ids = serializers.CharField(
+        max_length=400,
+        required=False,
+        allow_blank=True,
+        help_text="exactly these GPUs, comma-separated device ids (device gpu)",
+    )
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        asked = [name for name in ("gpu_count", "gpu_ids") if attrs.get(name)]
+        if asked and attrs["device"] != Device.GPU:
+            raise serializers.ValidationError(
+                {asked[0]: f"{asked[0]} applies to device gpu only; this deploy is on the cpu."}
+            )
+        try:
+            GpuRequest.parse(attrs.get("gpu_count") or 1, attrs.get("gpu_ids") or "")
+        except GpuPlacementError as exc:
+            raise serializers.ValidationError({"gpu_ids": exc.message}) from exc
+        return attrs
 
 
 class DeploymentUpdateSerializer(serializers.Serializer[Any]):
@@ -109,11 +136,22 @@ class DeploymentUpdateSerializer(serializers.Serializer[Any]):
     )
     min_replicas = serializers.IntegerField(min_value=1, max_value=MAX_REPLICAS, required=False)
     max_replicas = serializers.IntegerField(min_value=1, max_value=MAX_REPLICAS, required=False)
+    autoscale_target_inflight = serializers.FloatField(
+        min_value=0,
+        max_value=1000,
+        required=False,
+        allow_null=True,
+        help_text="autoscaling: requests in flight per replica to aim at; 0 or null: off",
+    )
+    autoscale_cooldown_s = serializers.IntegerField(
+        min_value=0, max_value=3600, required=False, help_text="no scale-down within this"
+    )
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         if not attrs:
             raise serializers.ValidationError(
-                "Give at least one of public, min_replicas, max_replicas."
+                "Give at least one of public, min_replicas, max_replicas, "
+                "autoscale_target_inflight, autoscale_cooldown_s."
             )
         return attrs
 

@@ -24,6 +24,7 @@ from deployer.runtimes.base import (
     Runtime,
 )
 from deployer.runtimes.docker import DockerRuntime
+from deployer.runtimes.gpus import GpuPlacementError, GpuRequest
 from deployer.tracking import set_alias
 from portal.core import engine
 from portal.core.api import ApiError, Conflict
@@ -106,9 +107,12 @@ def deployment_deploy(
     memory_mb: int | None = None,
     min_replicas: int | None = None,
     max_replicas: int | None = None,
+    gpu_count: int | None = None,
+    gpu_ids: str | None = None,
 ) -> Revision:
     """Roll ``version`` out to the deployment ``name`` of its model (created on first use),
-    with ``min_replicas`` instances (kept from before when not given; 1 at first)."""
+    with ``min_replicas`` instances (kept from before when not given; 1 at first). On the
+    GPU each replica gets ``gpu_count`` GPUs or exactly ``gpu_ids`` (kept when not given)."""
     if not version.is_ready:
         raise Conflict(
             f"Version {version.number} is {version.get_status_display().lower()}; it can be "
@@ -117,6 +121,12 @@ def deployment_deploy(
         )
     if device == Device.GPU and (reason := gpu_unavailable_reason()):
         raise ApiError(reason, code="gpu_unavailable")
+    if gpu_count is not None or gpu_ids is not None:
+        try:
+            request = GpuRequest.parse(gpu_count or 1, gpu_ids or "")
+        except GpuPlacementError as exc:
+            raise ApiError(exc.message, code="gpu_request_invalid") from exc
+        gpu_count, gpu_ids = request.wanted, ",".join(request.device_ids)
     if min_replicas is not None and max_replicas is None:
         max_replicas = max(min_replicas, 1)
     if min_replicas is not None or max_replicas is not None:
@@ -133,6 +143,8 @@ def deployment_deploy(
                 "pids_limit": settings.MODELPORT_CONTAINER_PIDS_LIMIT,
                 "min_replicas": min_replicas or 1,
                 "max_replicas": max_replicas or 1,
+                "gpu_count": gpu_count or 1,
+                "gpu_ids": gpu_ids or "",
             },
         )
         if not created:
@@ -145,6 +157,8 @@ def deployment_deploy(
                 deployment.min_replicas = min_replicas
             if max_replicas is not None:
                 deployment.max_replicas = max_replicas
+            if gpu_count is not None:
+                deployment.gpu_count, deployment.gpu_ids = gpu_count, gpu_ids or ""
         return _start_revision(
             deployment=deployment, version=version, user=user, kind=RevisionKind.DEPLOY
         )
@@ -310,7 +324,7 @@ def revision_rollout(*, revision_id: int) -> None:
     revision.save(update_fields=["runtime", "updated_at"])
     served = version.served_model_path
     timer = StepTimer()
-    count = deployment.min_replicas
+    count = deployment.replicas_wanted
     started: list[Started] = []
     try:
         if served is None:
@@ -469,7 +483,7 @@ def _switch(
         replicas_stop(revision=previous, grace_s=settings.MODELPORT_DRAIN_S, cause="superseded")
         if previous.handle:
             _runtime_of(previous).stop(previous.handle, grace_s=settings.MODELPORT_DRAIN_S)
-    if locked.min_replicas != revision.replicas.filter(state=ReplicaState.READY).count():
+    if locked.replicas_wanted != revision.replicas.filter(state=ReplicaState.READY).count():
         from portal.deployments.tasks import deployment_replicas_heal as replicas_heal_task
 
         # Scaled while the rollout ran, or a replica died meanwhile.

@@ -142,6 +142,7 @@ def _charts(deployment: Deployment) -> list[Any]:
         chart(points, "Requests", "req/s", "requests_per_s"),
         chart(points, "Errors", "err/s", "errors_per_s"),
         chart(points, "Latency p50 / p99", "ms", "p50_ms", "p99_ms"),
+        chart(points, "Replicas", "replicas", "replicas"),
     ]
 
 
@@ -238,11 +239,18 @@ def deployment_scale(request: HttpRequest, deployment_id: int) -> HttpResponse:
     try:
         low = int(request.POST.get("min_replicas", ""))
         high = int(request.POST.get("max_replicas", "") or low)
+        target = float(request.POST.get("autoscale_target_inflight", "") or 0)
+        cooldown = int(request.POST.get("autoscale_cooldown_s", "") or 60)
         changed = replicas.deployment_scale(
-            deployment=deployment, min_replicas=low, max_replicas=high, user=access.user
+            deployment=deployment,
+            min_replicas=low,
+            max_replicas=high,
+            user=access.user,
+            target_inflight=target,
+            cooldown_s=cooldown,
         )
     except ValueError:
-        messages.error(request, "Replicas must be whole numbers.")
+        messages.error(request, "Replicas, target and cooldown must be numbers.")
     except APIException as exc:
         messages.error(request, str(exc.detail))
     else:

@@ -17,6 +17,7 @@ import threading
 import time
 
 import requests
+from django.conf import settings
 from django.db import close_old_connections
 
 from deployer.monitoring import scrape_metrics
@@ -25,14 +26,18 @@ from deployer.runtimes.watch import watch_exits
 from portal.core import engine
 from portal.deployments.choices import ReplicaState
 from portal.deployments.models import Replica
-from portal.deployments.replicas import replica_exited, replica_metrics_record, replica_unready
+from portal.deployments.replicas import (
+    deployment_autoscale,
+    replica_exited,
+    replica_metrics_record,
+    replica_unready,
+)
 
 log = logging.getLogger(__name__)
 
 PROBE_EVERY_S = 1.0
 # Consecutive failed readiness checks (2 s each at most) before a replica is replaced.
 PROBE_FAILURES = 3
-METRICS_EVERY_S = 5.0
 
 
 def _on_exit(ended: InstanceExit) -> None:
@@ -63,19 +68,28 @@ def replicas_watch(stop: threading.Event) -> None:
                         replica_id=replica.pk,
                         cause=f"failed its readiness check {PROBE_FAILURES} times in a row ({why})",
                     )
-            if time.monotonic() - last_metrics >= METRICS_EVERY_S:
+            if time.monotonic() - last_metrics >= settings.MODELPORT_REPLICA_METRICS_S:
                 last_metrics = time.monotonic()
-                for replica in ready:
-                    if replica.metrics_url:
-                        try:
-                            snapshot = scrape_metrics(replica.metrics_url, timeout_s=2)
-                        except (requests.RequestException, ValueError):
-                            continue
-                        replica_metrics_record(replica=replica, snapshot=snapshot)
+                _measure_and_autoscale(ready)
     finally:
         stop.set()
         for thread in threads:
             thread.join(timeout=5)
+
+
+def _measure_and_autoscale(ready: list[Replica]) -> None:
+    """Each ready replica's traffic, then one autoscaling step per deployment."""
+    for replica in ready:
+        if replica.metrics_url:
+            try:
+                snapshot = scrape_metrics(replica.metrics_url, timeout_s=2)
+            except (requests.RequestException, ValueError):
+                continue
+            replica_metrics_record(replica=replica, snapshot=snapshot)
+    for deployment_id in sorted({r.deployment_id for r in ready}):
+        decision = deployment_autoscale(deployment_id=deployment_id)
+        if decision:
+            log.info("deployment %s autoscaled: %s", deployment_id, decision)
 
 
 def _probe(session: requests.Session, replica: Replica) -> str:

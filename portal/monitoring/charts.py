@@ -26,7 +26,7 @@ class Chart:
 def _fmt(value: float | None, unit: str) -> str:
     if value is None:
         return "–"
-    if value >= 100:
+    if value >= 100 or value == int(value):
         return f"{value:,.0f} {unit}"
     return f"{value:.2f} {unit}" if value < 10 else f"{value:.1f} {unit}"
 

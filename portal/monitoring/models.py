@@ -6,13 +6,22 @@ from django.db import models
 
 
 class MetricSample(models.Model):
-    """The runtime's counters at one moment (counters restart with each revision)."""
+    """One replica's counters at one moment (counters restart with each instance); every
+    replica of a live revision is sampled at the same ``taken_at``."""
 
     deployment = models.ForeignKey(
         "deployments.Deployment", on_delete=models.CASCADE, related_name="metric_samples"
     )
     revision = models.ForeignKey(
         "deployments.Revision", on_delete=models.CASCADE, related_name="metric_samples"
+    )
+    # Null: a revision's only instance, sampled before replicas had rows of their own.
+    replica = models.ForeignKey(
+        "deployments.Replica",
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="metric_samples",
     )
     taken_at = models.DateTimeField(db_index=True)
     success = models.FloatField()

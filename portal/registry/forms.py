@@ -31,3 +31,6 @@ class DeployForm(forms.Form):
         min_value=Decimal("0.1"), max_value=Decimal(64), decimal_places=2, required=False
     )
     memory_mb = forms.IntegerField(min_value=128, max_value=262144, required=False)
+    # On the GPU: how many per replica, or exactly which (device ids, comma-separated).
+    gpu_count = forms.IntegerField(min_value=1, max_value=64, required=False)
+    gpu_ids = forms.CharField(max_length=400, required=False)

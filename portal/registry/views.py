@@ -243,6 +243,13 @@ def _fold_build_steps(events: Iterable[Event]) -> list[Event | _FoldedSteps]:
 _BUILD_STEP = re.compile(r"^Step \d+/(\d+) : ")
 
 
+def _gpu_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """The GPU request of the Deploy form, given only for a GPU deploy."""
+    if data["device"] != "gpu" or not (data["gpu_count"] or data["gpu_ids"]):
+        return {}
+    return {"gpu_count": data["gpu_count"], "gpu_ids": data["gpu_ids"]}
+
+
 @login_required
 @require_POST
 def version_deploy(request: HttpRequest, name: str, number: int) -> HttpResponse:
@@ -265,6 +272,7 @@ def version_deploy(request: HttpRequest, name: str, number: int) -> HttpResponse
             device=form.cleaned_data["device"],
             cpus=form.cleaned_data["cpus"],
             memory_mb=form.cleaned_data["memory_mb"],
+            **_gpu_fields(form.cleaned_data),
             user=access.user,
         )
     except APIException as exc:

@@ -42,6 +42,7 @@ def test_the_replica_table_follows_a_death_live(
             ready_at=now,
             rate_per_s=71.5 + slot,
             p99_ms=4.2,
+            inflight=1.3,
         )
         for slot in (0, 1)
     ]
@@ -58,6 +59,7 @@ def test_the_replica_table_follows_a_death_live(
     assert table.locator("[data-state=ready]").count() == 2
     assert "71.5" in table.inner_text()
     assert "4.2 ms" in table.inner_text()
+    assert "1.3" in table.inner_text()  # requests in flight, what autoscaling reads
     assert page.get_by_test_id("replica-count").inner_text() == "2 of 2 ready"
     shoot(page, "deployment-replicas")
 

@@ -27,6 +27,7 @@ from deployer.batch import (
     OUTPUT_SUFFIX,
     BatchFailed,
     BatchRequest,
+    ChunkProbe,
     InputFormat,
     InstanceRequest,
     MappingError,
@@ -34,6 +35,7 @@ from deployer.batch import (
     ScoringError,
     V2Scorer,
     plan_batch,
+    probe_chunk_rows,
     run_batch,
     serving_instance,
 )
@@ -315,3 +317,75 @@ def test_a_job_killed_mid_way_resumes_with_no_row_missing_or_repeated(
     ids, predicted = predictions(InputFormat.CSV, out)
     np.testing.assert_array_equal(ids, np.arange(3000))
     np.testing.assert_allclose(predicted, x @ weight + bias, rtol=1e-5, atol=1e-5)
+
+
+class _Costed:
+    """onnxruntime, plus a cost per request and per row (what a transport adds)."""
+
+    def __init__(self, inner: OnnxScorer, per_request_s: float, per_row_s: float) -> None:
+        self.inner, self.signature, self.max_rows = inner, inner.signature, inner.max_rows
+        self.per_request_s, self.per_row_s = per_request_s, per_row_s
+        self.sizes: list[int] = []
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = next(iter(feeds.values())).shape[0]
+        self.sizes.append(rows)
+        time.sleep(self.per_request_s + self.per_row_s * rows**2)
+        return self.inner.infer(feeds)
+
+    def close(self) -> None:
+        return None
+
+
+def test_the_chunk_size_tried_fastest_on_the_first_rows_wins(
+    linear: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    model, _, _ = linear
+    source = write_input(InputFormat.CSV, tmp_path, features(5000))
+    request = BatchRequest(source, InputFormat.CSV, tmp_path / "w", tmp_path / "o.csv",
+                           mapping=CSV_MAPPING)  # fmt: skip
+    sizes = (100, 500, 2000)
+    # A fixed cost per request: the largest chunk that fits twice in the rows wins.
+    fixed = _Costed(OnnxScorer(model), per_request_s=0.004, per_row_s=0)
+    probe = probe_chunk_rows(request, fixed, sizes, min_timed_rows=0, max_share=1.0)
+    assert probe.chosen == 2000
+    assert list(probe.rows_per_s) == [100, 500, 2000]
+    assert probe.rows_per_s[2000] > probe.rows_per_s[100]
+    assert set(fixed.sizes) == {100, 500, 2000}  # each size really went to the scorer
+    assert "2,000 rows per chunk, the fastest tried (100: " in probe.describe()
+    # A cost that grows faster than the rows (a transport that chokes on big bodies).
+    growing = _Costed(OnnxScorer(model), per_request_s=0.0005, per_row_s=2e-8)
+    assert probe_chunk_rows(request, growing, sizes, min_timed_rows=0, max_share=1.0).chosen == 100
+    # The probe's rows stay a small share of the file: here none is tried, the default runs.
+    assert probe_chunk_rows(request, fixed, sizes) == ChunkProbe(chosen=4096, rows_per_s={})
+    # Nothing is written: the job scores these rows itself.
+    assert not (tmp_path / "w").exists()
+    assert not (tmp_path / "o.csv").exists()
+
+
+def test_the_probe_keeps_a_chunk_within_one_request_and_a_small_file_in_one_chunk(
+    linear: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    from deployer.batch.scorer import MAX_REQUEST_BYTES
+
+    wide = tmp_path / "wide.onnx"
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["x"], ["y"], axes=[1], keepdims=0)],
+        "wide",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 65536])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch"])],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(wide))
+    rows = np.ones((300, 65536), dtype=np.float32)  # 256 KiB a row
+    np.save(tmp_path / "wide.npy", rows)
+    request = BatchRequest(tmp_path / "wide.npy", InputFormat.NPY, tmp_path / "w", tmp_path / "o")
+    scorer = _Costed(OnnxScorer(wide), per_request_s=0, per_row_s=0)
+    probe = probe_chunk_rows(request, scorer, (16, 64, 1024), min_timed_rows=0, max_share=1.0)
+    assert MAX_REQUEST_BYTES // (65536 * 4) == 64
+    assert probe.chosen in (16, 64)  # 1,024 rows would be 256 MiB a chunk
+    assert max(scorer.sizes) <= 64
+    small = write_input(InputFormat.CSV, tmp_path, features(150))
+    tiny = BatchRequest(small, InputFormat.CSV, tmp_path / "w2", tmp_path / "o2.csv",
+                        mapping=CSV_MAPPING)  # fmt: skip
+    probe = probe_chunk_rows(tiny, OnnxScorer(linear[0]), (100, 500))
+    assert probe == ChunkProbe(chosen=150, rows_per_s={})

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 from django.conf import settings as django_settings
+from django.test import Client
 
 from deployer.batch import InputFormat, OnnxScorer
 from portal.deployments.batch import services
@@ -90,6 +91,42 @@ def test_a_job_in_each_format_scores_every_row_and_is_recorded_in_mlflow(
     assert run.data.params["input_sha256"] == job.input_sha256
     assert run.data.tags["modelport_registered_model"] == "acme.iris"
     assert run.data.metrics["rows_per_s"] > 0
+
+
+@pytest.mark.e2e
+def test_a_job_given_no_chunk_size_runs_at_the_fastest_it_tried_and_says_so(
+    celery_worker: Worker,
+    personas: Personas,
+    version: ModelVersion,
+    onnx_file: Path,
+    mlflow_server: str,
+    tmp_path: Path,
+) -> None:
+    x = features(200_000)
+    source = write_input(InputFormat.PARQUET, tmp_path, x)
+    response = submit(personas.bob, source)
+    assert response.status_code == 202, response.json()
+    assert (response.json()["chunk_rows"], response.json()["chunk_probe"]) == (0, {})
+    job_id = response.json()["id"]
+    job = wait_for(lambda: finished(job_id), timeout_s=180, what="the job")
+    assert job.status == BatchJobStatus.SUCCEEDED, (job.error, celery_worker.log_text()[-3000:])
+    tried = {int(rows): rate for rows, rate in job.chunk_probe["rows_per_s"].items()}
+    # the sizes whose probe (two chunks, at least 8,192 rows) is at most 5% of the file
+    assert set(tried) == {1024, 4096}
+    assert job.chunk_rows == job.chunk_probe["chosen"] == max(tried, key=lambda r: tried[r])
+    assert job.chunks_done == -(-200_000 // job.chunk_rows)
+    _, predicted = predictions(InputFormat.PARQUET, download(personas.bob, job_id, tmp_path / "o"))
+    expected = OnnxScorer(onnx_file).infer({"input": x})["output"]
+    np.testing.assert_allclose(predicted, expected, rtol=1e-5, atol=1e-5)
+    from mlflow import MlflowClient
+
+    run = MlflowClient(tracking_uri=mlflow_server).get_run(job.mlflow_run_id)
+    assert run.data.params["chunk_rows"] == str(job.chunk_rows)
+    page = Client()
+    page.force_login(personas.bob.user)
+    html = page.get(f"/deployments/batch/{job_id}/").content.decode()
+    assert f"{job.chunk_rows} rows" in html
+    assert "the fastest tried: 1024 →" in html
 
 
 @pytest.mark.e2e

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from django.utils import timezone
@@ -74,6 +75,44 @@ def test_series_gives_rates_and_skips_counter_restarts(personas: Personas) -> No
     assert points[0].p50_ms == pytest.approx(5 * 100 / 150)
 
 
+def test_series_adds_up_the_replicas_sampled_at_both_ends(personas: Personas) -> None:
+    from portal.deployments.models import Replica
+
+    model = Model.objects.create(team=personas.acme, name="demo")
+    deployment = running_deployment(ready_version(model, 1))
+    revision = deployment.current_revision
+    assert revision is not None
+    one, two, three = (
+        Replica.objects.create(revision=revision, deployment=deployment, slot=slot)
+        for slot in range(3)
+    )
+    start = timezone.now() - timedelta(minutes=5)
+
+    def sample(replica: Any, seconds: int, success: float, fast: float) -> None:
+        MetricSample.objects.create(
+            deployment=deployment, revision=revision, replica=replica,
+            taken_at=start + timedelta(seconds=seconds), success=success, failure=0,
+            latency_buckets=[[0.005, fast], [0.05, success], ["+Inf", success]],
+        )  # fmt: skip
+
+    sample(one, 0, 100, 100)
+    sample(two, 0, 50, 50)
+    sample(one, 10, 200, 200)  # +100, all fast
+    sample(two, 10, 150, 50)  # +100, all slow
+    sample(three, 10, 30, 30)  # new at this scrape: not in this interval
+    sample(one, 20, 300, 300)  # +100
+    sample(two, 20, 7, 7)  # restarted: left out of this interval
+    sample(three, 20, 80, 80)  # +50
+    first, second = deployment_series(deployment=deployment)
+    assert first.requests_per_s == pytest.approx(20.0)  # both replicas, not one of them
+    assert first.p50_ms == pytest.approx(5.0)  # half of the 200 were within 5 ms
+    assert first.p99_ms is not None
+    assert first.p99_ms > 5.0
+    assert second.requests_per_s == pytest.approx(15.0)
+    assert second.p99_ms == pytest.approx(5.0 * 0.99)
+    assert (first.replicas, second.replicas) == (3.0, 3.0)  # the page's replicas chart
+
+
 def test_scrape_reads_a_real_instance(personas: Personas, tmp_path: Path) -> None:
     import requests
 
@@ -113,5 +152,19 @@ def test_scrape_reads_a_real_instance(personas: Personas, tmp_path: Path) -> Non
         assert metrics_scrape() == 1
         sample = MetricSample.objects.get()
         assert sample.success >= 5
+        # With replica rows, each serving replica is sampled (not the revision's address).
+        from portal.deployments.choices import ReplicaState
+        from portal.deployments.models import Replica
+
+        replica = Replica.objects.create(
+            revision_id=deployment.current_revision_id, deployment=deployment, slot=0,
+            state=ReplicaState.READY, metrics_url=launch.metrics_url,
+        )  # fmt: skip
+        Replica.objects.create(
+            revision_id=deployment.current_revision_id, deployment=deployment, slot=1,
+            state=ReplicaState.FAILED, metrics_url="http://127.0.0.1:9/metrics",
+        )  # fmt: skip
+        assert metrics_scrape() == 1
+        assert MetricSample.objects.latest("id").replica == replica
     finally:
         runtime.stop(launch.handle, grace_s=1)

@@ -174,6 +174,12 @@ class KubernetesRuntime:
 
     # ------------------------------------------------------------ interface
     def start(self, spec: LaunchSpec) -> LaunchResult:
+        if spec.device == "gpu" and spec.gpus.device_ids:
+            raise LaunchError(
+                "Kubernetes gives GPUs by count (nvidia.com/gpu); ask for a number of GPUs, "
+                f"not GPU {', '.join(spec.gpus.device_ids)}.",
+                code="gpu_unavailable",
+            )
         serving = ServingSpec(
             deployment_id=spec.deployment_id,
             revision_id=spec.revision_id,
@@ -181,6 +187,7 @@ class KubernetesRuntime:
             model_version=spec.model_version,
             image=spec.image,
             device=spec.device,
+            gpus=spec.gpus.wanted,
             cpus=spec.cpus,
             memory_mb=spec.memory_mb,
         )

@@ -29,7 +29,11 @@ class BatchJob(models.Model):
     # The file's columns (deployer.batch.formats.Column.to_dict) and input -> columns.
     columns = models.JSONField(default=list, blank=True)
     mapping = models.JSONField(default=dict, blank=True)
-    chunk_rows = models.PositiveIntegerField(default=4096)
+    # Rows per chunk; 0 until the job starts and tries a few sizes on its first rows.
+    chunk_rows = models.PositiveIntegerField(default=0)
+    # What that try measured ({"chosen": rows, "rows_per_s": {rows: rate}}); empty when
+    # the job was given its chunk size.
+    chunk_probe = models.JSONField(default=dict, blank=True)
     # Rows allowed to fail before the job fails; -1: any number.
     max_errors = models.IntegerField(default=100)
 

@@ -70,6 +70,7 @@ class BatchJobSerializer(serializers.ModelSerializer[BatchJob]):
         fields = [
             "id", "model", "version", "status", "cancel_requested", "input_name",
             "input_format", "input_size", "input_sha256", "columns", "mapping", "chunk_rows",
+            "chunk_probe",
             "max_errors", "total_rows", "rows_done", "percent", "chunks_done", "errors",
             "rows_per_s", "eta_s", "first_errors", "error_code", "error", "runtime",
             "attempts", "output_name", "output_size", "output_sha256", "output_url",

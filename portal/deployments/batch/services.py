@@ -15,6 +15,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -28,6 +29,7 @@ from django.db.models.functions import Now
 from django.utils import timezone
 
 from deployer.batch import (
+    DEFAULT_CHUNK_ROWS,
     OUTPUT_SUFFIX,
     BatchCancelled,
     BatchFailed,
@@ -40,6 +42,7 @@ from deployer.batch import (
     V2Scorer,
     detect_format,
     plan_batch,
+    probe_chunk_rows,
     run_batch,
     serving_instance,
 )
@@ -114,7 +117,9 @@ def batch_job_create(
             job.input_sha256 = source_job.input_sha256
         job.input_size = job.input_path.stat().st_size
         signature = Signature.from_dict(version.signature)
-        plan = plan_batch(signature, job.input_path, fmt, mapping, chunk_rows=job.chunk_rows)
+        plan = plan_batch(
+            signature, job.input_path, fmt, mapping, chunk_rows=job.chunk_rows or DEFAULT_CHUNK_ROWS
+        )
     except (MappingError, BatchInputError) as exc:
         shutil.rmtree(job.storage_dir, ignore_errors=True)
         raise ApiError(exc.message, code=exc.code) from None
@@ -236,6 +241,8 @@ def _run(job: BatchJob) -> None:
         with serving_instance(runtime, instance) as (launch, headers):
             scorer = V2Scorer(launch.url, version.model.name, signature, headers=headers)
             try:
+                if not job.chunk_rows:
+                    request = replace(request, chunk_rows=_chunk_rows_probe(job, request, scorer))
                 result = run_batch(
                     request,
                     scorer,
@@ -255,6 +262,22 @@ def _run(job: BatchJob) -> None:
         _finish(job, BatchJobStatus.FAILED, code=exc.code, message=exc.message)
         return
     _succeeded(job, result)
+
+
+def _chunk_rows_probe(job: BatchJob, request: BatchRequest, scorer: V2Scorer) -> int:
+    """Try a few chunk sizes on the job's first rows; record and return the fastest (a
+    resumed job keeps it: its checkpoint is only valid for that size)."""
+    probe = probe_chunk_rows(request, scorer)
+    job.chunk_rows = probe.chosen
+    job.chunk_probe = {
+        "chosen": probe.chosen,
+        "rows_per_s": {str(rows): round(rate, 1) for rows, rate in probe.rows_per_s.items()},
+    }
+    BatchJob.objects.filter(pk=job.pk).update(
+        chunk_rows=job.chunk_rows, chunk_probe=job.chunk_probe
+    )
+    log.info("batch job %s: %s", job.pk, probe.describe())
+    return probe.chosen
 
 
 def _image_for(version: ModelVersion, runtime: Runtime) -> str:

@@ -150,3 +150,63 @@ def test_placement_is_one_at_a_time_on_a_host(tmp_path: Path) -> None:
         order.append("second in")
     thread.join()
     assert order == ["first in", "first out", "second in"]
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
+def test_a_local_instance_sees_only_its_gpus_and_holds_them_until_stopped(
+    tmp_path: Path,
+) -> None:
+    """Real instances (python -m deployer.serving) of the local runtime: each is given its
+    GPUs as CUDA_VISIBLE_DEVICES (so its device 0 is its first GPU) and holds them until it
+    is stopped. Without CUDA here each instance stays up and reports it is not ready."""
+    from deployer.runtimes.local import LocalProcessRuntime
+    from tests.onnx_models import linear_model
+
+    model = tmp_path / "m.onnx"
+    linear_model(model)
+    runtime = LocalProcessRuntime(tmp_path / "state", gpu_devices=("0", "1", "2"))
+
+    def spec(revision: int, gpus: GpuRequest) -> LaunchSpec:
+        return LaunchSpec(
+            deployment_id=6, revision_id=revision, model_name="demo", model_version="1",
+            model_path=model, device="gpu", gpus=gpus,
+        )  # fmt: skip
+
+    try:
+        first = runtime.start(spec(1, GpuRequest(count=2)))
+        assert first.gpus == ("0", "1")
+        pid = int(first.handle.split("-")[1])
+        assert _environ(pid)["CUDA_VISIBLE_DEVICES"] == "0,1"
+        assert runtime.gpus_in_use() == {
+            "0": "deployment 6 revision 1",
+            "1": "deployment 6 revision 1",
+        }
+        with pytest.raises(
+            GpuPlacementError,
+            match=r"2 GPUs asked for, 1 free of 3 \(in use: GPU 0: deployment 6 revision 1",
+        ):
+            runtime.start(spec(2, GpuRequest(count=2)))
+        with pytest.raises(GpuPlacementError, match="GPU 1 is used by deployment 6 revision 1"):
+            runtime.start(spec(2, GpuRequest(device_ids=("1",))))
+        second = runtime.start(spec(2, GpuRequest(device_ids=("2",))))
+        assert second.gpus == ("2",)
+        assert _environ(int(second.handle.split("-")[1]))["CUDA_VISIBLE_DEVICES"] == "2"
+        runtime.stop(first.handle, grace_s=2)
+        assert set(runtime.gpus_in_use()) == {"2"}
+        third = runtime.start(spec(3, GpuRequest(count=2)))
+        assert third.gpus == ("0", "1")
+        _wait_log(runtime, third.handle)  # it runs, and says why it cannot serve
+    finally:
+        for instance in runtime.owned():
+            runtime.stop(instance.handle, grace_s=1)
+
+
+def _wait_log(runtime: Any, handle: str) -> None:
+    deadline = time.monotonic() + 30
+    while "GPU requested but onnxruntime has no CUDAExecutionProvider" not in runtime.logs(handle):
+        assert time.monotonic() < deadline, runtime.logs(handle)
+        time.sleep(0.2)
