@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-MIN_TARGET_INFLIGHT = 0.1
+MIN_TARGET_INFLIGHT = 0.01
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ def decide(
         return None
     side = "over" if wanted > current else "under"
     reason = (
-        f"{current} → {wanted} replicas: {per_replica:.1f} requests in flight per replica, "
+        f"{current} → {wanted} replicas: {per_replica:.3g} requests in flight per replica, "
         f"{side} the target of {policy.target_inflight:g}"
     )
     if wanted in (policy.min_replicas, policy.max_replicas) and wanted != needed:

@@ -633,7 +633,7 @@ def deployment_autoscale(*, deployment_id: int) -> str:
     fresh = timezone.now() - timedelta(seconds=3 * settings.MODELPORT_REPLICA_METRICS_S)
     with transaction.atomic():
         deployment = (
-            Deployment.objects.select_for_update()
+            Deployment.objects.select_for_update(of=("self",))
             .select_related("model__team", "current_revision")
             .filter(pk=deployment_id, status__in=SERVING_DEPLOYMENT_STATUSES)
             .first()

@@ -15,13 +15,13 @@ import pytest
 
 from portal.accounts.services import key_create
 from portal.core.models import Event
-from portal.deployments import replicas
+from portal.deployments import replicas, services
 from portal.deployments.choices import DeploymentStatus
 from portal.deployments.models import Deployment, Replica
 from portal.registry.models import ModelVersion
 from tests.conftest import Personas, Worker, report_entry, wait_for
 from tests.portal.factories import ready_version, running_deployment
-from tests.portal.test_replicas import Load, _deploy_here, _ready, healing, version  # noqa: F401
+from tests.portal.test_replicas import Load, _ready, healing, version  # noqa: F401
 
 pytestmark = pytest.mark.e2e
 
@@ -80,7 +80,14 @@ def test_load_adds_replicas_and_a_lull_takes_them_away_with_no_failed_request(
     healing: Worker,  # noqa: F811
 ) -> None:
     made, want = version
-    deployment = _deploy_here(personas, made)
+    first = services.deployment_deploy(version=made, name="production", user=personas.bob.user)
+    deployment = wait_for(  # the deploy worker rolls it out
+        lambda: Deployment.objects.filter(
+            pk=first.deployment_id, status__in=[DeploymentStatus.RUNNING, DeploymentStatus.FAILED]
+        ).first(),
+        timeout_s=180, what="the rollout",
+    )  # fmt: skip
+    assert deployment.status == DeploymentStatus.RUNNING, deployment.error
     # 150 req/s of ~1 ms requests is ~0.15 in flight: a target of 0.02 needs the maximum.
     answer = personas.bob.client().patch(
         f"/api/v1/deployments/{deployment.pk}/",

@@ -59,5 +59,5 @@ def test_a_count_outside_new_bounds_is_brought_inside() -> None:
 def test_a_policy_that_cannot_work_is_refused() -> None:
     with pytest.raises(ValueError, match="the minimum must be at least 1"):
         AutoscalePolicy(min_replicas=3, max_replicas=2, target_inflight=1)
-    with pytest.raises(ValueError, match="target must be at least 0.1"):
+    with pytest.raises(ValueError, match=r"target must be at least 0\.01"):
         AutoscalePolicy(min_replicas=1, max_replicas=2, target_inflight=0)
