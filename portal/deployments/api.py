@@ -16,6 +16,7 @@ from rest_framework.views import APIView
 
 from portal.accounts.access import api_access
 from portal.accounts.choices import Role
+from portal.core.api import ApiError
 from portal.core.idempotency import IDEMPOTENCY_PARAMETER, idempotent
 from portal.deployments import replicas, selectors, services
 from portal.deployments.models import Deployment, Revision
@@ -85,6 +86,8 @@ class DeploymentListView(APIView):
     def get(self, request: Request) -> Response:
         team = api_access(request).team
         model_name = request.query_params.get("model")
+        if model_name is not None and "\x00" in model_name:
+            raise ApiError("model: a model name cannot contain NUL bytes.", code="invalid")
         model = registry_selectors.model_get(team=team, name=model_name) if model_name else None
         deployments = selectors.deployment_list(team=team, model=model)
         return Response(DeploymentSerializer(deployments, many=True).data)

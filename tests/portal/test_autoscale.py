@@ -60,7 +60,7 @@ def test_the_step_decides_from_fresh_measurements_of_every_replica(
     Replica.objects.filter(pk=two.pk).update(inflight=2.0, metrics_at=timezone.now())
     decision = replicas.deployment_autoscale(deployment_id=deployment.pk)
     assert decision == (
-        "2 → 4 replicas: 2.5 requests in flight per replica, over the target of 1 "
+        "2 → 4 replicas: 2.55 requests in flight per replica, over the target of 1 "
         "(6 needed, the maximum is 4)"
     )
     deployment.refresh_from_db()
@@ -130,7 +130,7 @@ def test_load_adds_replicas_and_a_lull_takes_them_away_with_no_failed_request(
     assert any(m.startswith("1 → ") and "over the target of 0.02" in m for m in decisions), (
         decisions
     )
-    assert any(m.endswith("under the target of 0.02") for m in decisions), decisions
+    assert any("under the target of 0.02" in m for m in decisions), decisions
     final = Deployment.objects.get(pk=deployment.pk)
     assert final.status == DeploymentStatus.RUNNING
     assert final.replicas_wanted == 1
