@@ -504,8 +504,7 @@ def _score_chunk(
     results: list[dict[str, np.ndarray]] = []
     good = np.ones(positions.size, dtype=bool)
     for begin in range(0, positions.size, per_request):
-        part = {name: values[begin : begin + per_request] for name, values in arrays.items()}
-        _bisect(scorer, part, begin, results, good, errors, positions)
+        _bisect(scorer, _rows(arrays, begin, per_request), begin, results, good, errors, positions)
     ok = ok.copy()
     ok[positions[~good]] = False
     return (merge_outputs(results) if results else _no_outputs(scorer)), ok, errors

@@ -543,16 +543,13 @@ def deployment_scale(
         locked.autoscale_target_inflight, locked.autoscale_cooldown_s = target, cooldown
         if not locked.replica_target:
             locked.replica_target = wanted_before
-        locked.save(
-            update_fields=[
-                "min_replicas", "max_replicas", "autoscale_target_inflight",
-                "autoscale_cooldown_s", "replica_target", "updated_at",
-            ]
+        changed = (
+            "min_replicas", "max_replicas", "autoscale_target_inflight", "autoscale_cooldown_s",
+            "replica_target",
         )  # fmt: skip
-        for name in ("min_replicas", "max_replicas", "autoscale_target_inflight"):
+        locked.save(update_fields=[*changed, "updated_at"])
+        for name in changed:  # the caller's row reads what was saved
             setattr(deployment, name, getattr(locked, name))
-        deployment.autoscale_cooldown_s = locked.autoscale_cooldown_s
-        deployment.replica_target = locked.replica_target
         autoscale = (
             f"; autoscaling at {target:g} in flight per replica, cooldown {cooldown} s"
             if locked.autoscaling
