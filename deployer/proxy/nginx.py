@@ -662,7 +662,10 @@ def _upstream_block(name: str, servers: list[tuple[str, int]]) -> str:
     for address, weight in servers:
         extra = f" weight={weight}" if weight != 1 else ""
         lines.append(f"    server {address}{extra} max_fails=0;\n")
-    lines.append("    keepalive 16;\n}\n")
+    # Idle connections are dropped before the instance drops them (its keep-alive limit
+    # is 15 s): a request sent on a connection the instance has just closed fails on
+    # every replica it is resent to, and the client gets a 503.
+    lines.append("    keepalive 16;\n    keepalive_timeout 10s;\n}\n")
     return "".join(lines)
 
 

@@ -289,7 +289,16 @@ class LocalProcessRuntime:
             if self._alive(state):
                 self._signal(group, signal.SIGKILL)
         self._reap(pid)
-        self._reap(group)
+        keeper = int(state.get("keeper_pid") or 0)
+        if keeper:
+            # The keeper reaps the instance and exits: until it has, the instance lingers
+            # as a zombie that still holds its process id.
+            deadline = time.monotonic() + max(grace_s, 2.0)
+            while True:
+                self._reap(keeper)
+                if _start_time(keeper) is None or time.monotonic() >= deadline:
+                    break
+                time.sleep(0.02)
         if state.get("control"):  # left behind by an instance that was killed
             (self.state_dir / str(state["control"])).unlink(missing_ok=True)
         if state.get("exit_file"):
