@@ -252,6 +252,21 @@ def _start_proxy(env: dict[str, str]) -> str:
     return proxy.public_url
 
 
+def _direct_address(local: bool) -> str:
+    """What a deployment's address does without a proxy, in this runtime mode."""
+    from django.conf import settings
+
+    if local and settings.MODELPORT_LOCAL_HANDOVER:
+        return (
+            "each deployment answers at its own port, which stays the same across "
+            "rollouts and rollbacks (its listening sockets are handed from instance to "
+            "instance)."
+        )
+    return (
+        "each deployment answers at its instance's own address, which changes with every rollout."
+    )
+
+
 def startup_choices(proxy_url: str) -> list[str]:
     """Two lines for the start-up banner: where instances run and what gives them their
     address, each with the setting and the finding that decided it."""
@@ -283,11 +298,9 @@ def startup_choices(proxy_url: str) -> list[str]:
             )
     mode: str = settings.MODELPORT_PROXY
     nginx = find_nginx()
+    local = runtime_line.startswith("Runtime: local processes")
     if mode == "none":
-        proxy_line = (
-            "Proxy: none (MODELPORT_PROXY=none); each deployment answers at its instance's "
-            "own address, which changes with every rollout."
-        )
+        proxy_line = "Proxy: none (MODELPORT_PROXY=none); " + _direct_address(local)
     elif mode == "external":
         proxy_line = (
             f"Proxy: an external nginx at {settings.MODELPORT_PROXY_URL} "
@@ -300,11 +313,12 @@ def startup_choices(proxy_url: str) -> list[str]:
             "one address across versions."
         )
     elif nginx:
-        proxy_line = "Proxy: none (nginx did not start, see above); deployments get direct URLs."
+        proxy_line = "Proxy: none (nginx did not start, see above); " + _direct_address(local)
     else:
         proxy_line = (
-            f"Proxy: none (MODELPORT_PROXY={mode} and nginx is not installed); deployments get "
-            "their instance's own address. Install nginx for stable URLs."
+            f"Proxy: none (MODELPORT_PROXY={mode} and nginx is not installed); "
+            + _direct_address(local)
+            + " Install nginx for one address per deployment under one port."
         )
     return [runtime_line, proxy_line]
 

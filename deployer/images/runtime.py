@@ -44,6 +44,10 @@ from deployer.images.wheelhouse import (
 )
 
 DEVICES = ("cpu", "gpu")
+# The first onnxruntime that refuses external data outside the model's folder itself (the
+# floor in pyproject.toml); the GPU image, which cannot pin the CPU build's version, asks
+# for at least this one.
+ONNXRUNTIME_FLOOR = "1.24.1"
 # What deployer/serving imports (its README keeps this list short).
 SERVING_DISTRIBUTIONS = (
     "numpy",
@@ -132,7 +136,7 @@ def serving_requirements(device: str, *, gpu_onnxruntime: str = "") -> tuple[str
     ort = _installed("onnxruntime")
     pins = [f"{name}=={_installed(name)}" for name in SERVING_DISTRIBUTIONS]
     if device == "gpu":
-        pins.append(gpu_onnxruntime or f"onnxruntime-gpu[cuda,cudnn]<={ort}")
+        pins.append(gpu_onnxruntime or f"onnxruntime-gpu[cuda,cudnn]>={ONNXRUNTIME_FLOOR},<={ort}")
     else:
         pins.append(f"onnxruntime=={ort}")
     return tuple(check_requirement(p) for p in sorted(pins))

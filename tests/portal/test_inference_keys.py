@@ -277,6 +277,30 @@ def test_expired_api_token_is_refused(personas: Personas) -> None:
     assert response.json()["code"] == "token_expired"
 
 
+def test_an_api_token_records_when_it_was_last_used_and_the_tokens_page_shows_it(
+    personas: Personas,
+) -> None:
+    from django.test import Client
+    from rest_framework.test import APIClient
+
+    api_token, token = token_create(user=personas.bob.user, team=personas.acme, name="ci")
+    page = Client()
+    page.force_login(personas.bob.user)
+    listed = page.get("/accounts/tokens/").content.decode()
+    assert "<td>ci</td>" in listed
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {token}")
+    before = timezone.now()
+    assert client.get("/api/v1/models/").status_code == 200
+    api_token.refresh_from_db()
+    assert api_token.last_used_at is not None
+    assert api_token.last_used_at >= before - timedelta(seconds=1)
+    shown = page.get("/accounts/tokens/").content.decode()
+    assert f"{timezone.localtime(api_token.last_used_at):%Y-%m-%d %H:%M}" in shown
+    # The last-used cell no longer says "never" (the placeholder and the expiry still do).
+    assert shown.count(">never<") == listed.count(">never<") - 1
+
+
 def test_session_api_call_of_a_multi_team_user_needs_the_team_header(
     personas: Personas,
 ) -> None:

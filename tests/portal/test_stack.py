@@ -49,6 +49,35 @@ def test_startup_says_why_it_fell_back_to_local_processes_and_direct_urls(
     assert stack.startup_choices("")[0] == "Runtime: local processes (MODELPORT_RUNTIME=local)."
 
 
+def test_without_a_proxy_the_banner_says_whether_the_address_survives_a_rollout(
+    settings: Any,
+) -> None:
+    """Local processes hand their listening sockets on (the address stays); without that
+    hand-over, or with Docker containers, each instance has its own port."""
+    settings.MODELPORT_RUNTIME, settings.MODELPORT_PROXY = "local", "none"
+    settings.MODELPORT_LOCAL_HANDOVER = True
+    proxy = stack.startup_choices("")[1]
+    assert "stays the same across rollouts and rollbacks" in proxy, proxy
+    assert "changes" not in proxy
+    settings.MODELPORT_LOCAL_HANDOVER = False
+    proxy = stack.startup_choices("")[1]
+    assert proxy.endswith("which changes with every rollout."), proxy
+
+
+def test_readme_curl_calls_the_stable_address_and_names_the_serving_network() -> None:
+    readme = (REPO / "README.md").read_text()
+    lines = readme.splitlines()
+    curls = [n for n, line in enumerate(lines) if "curl" in line and "/v2/models/" in line]
+    assert curls, "the README has no curl example of an inference call"
+    for n in curls:
+        # The stable address: the proxy's port, then team, model and deployment; and the
+        # deployment's key, since deployments are private by default.
+        assert "http://127.0.0.1:8080/TEAM/MODEL/DEPLOYMENT/v2/models/" in lines[n], lines[n]
+        assert "Authorization: Bearer $KEY" in "\n".join(lines[n : n + 3]), lines[n]
+    assert "Docker's default `bridge` network" in readme
+    assert "`MODELPORT_DOCKER_NETWORK`" in readme
+
+
 def test_gunicorn_keeps_its_control_socket_and_heartbeats_in_the_data_dir(
     tmp_path: Path,
 ) -> None:

@@ -16,7 +16,12 @@ from deployer.images.names import (
     reference,
     split_reference,
 )
-from deployer.images.runtime import ImageConfig, RuntimeImage, serving_requirements
+from deployer.images.runtime import (
+    ONNXRUNTIME_FLOOR,
+    ImageConfig,
+    RuntimeImage,
+    serving_requirements,
+)
 from deployer.images.wheelhouse import WheelTarget, check_requirement, wheelhouse_key
 
 
@@ -82,8 +87,17 @@ def test_serving_requirements_pin_what_is_installed_here() -> None:
     assert f"numpy=={version('numpy')}" in cpu
     assert all("==" in line for line in cpu)
     gpu = serving_requirements("gpu")
-    assert any(line.startswith("onnxruntime-gpu[cuda,cudnn]") for line in gpu)
+    assert f"onnxruntime-gpu[cuda,cudnn]>={ONNXRUNTIME_FLOOR},<={version('onnxruntime')}" in gpu
     assert not any(line.startswith("onnxruntime==") for line in gpu)
+
+
+def test_the_gpu_image_has_the_same_onnxruntime_floor_as_the_portal() -> None:
+    """The second layer under the external-data check holds in the GPU image too."""
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).parents[3] / "pyproject.toml").read_text())
+    [ort] = [d for d in pyproject["project"]["dependencies"] if d.startswith("onnxruntime")]
+    assert ort.startswith(f"onnxruntime>={ONNXRUNTIME_FLOOR},"), ort
 
 
 def test_wheelhouse_key_depends_on_the_set_not_its_order() -> None:
