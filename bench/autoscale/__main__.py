@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import os
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -37,6 +36,7 @@ import numpy as np
 import requests
 
 from bench.serving.models import build_mlp
+from bench.serving.servers import stop_group
 from deployer.client import Client, ClientError
 from deployer.runtimes.local import free_port
 
@@ -185,12 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args, Client(url=portal_url, token=token, poll_s=0.5), data_dir)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(stack.pid, signal.SIGINT)
-        try:
-            stack.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(stack.pid, signal.SIGKILL)
+        stop_group(stack, timeout_s=90)  # the stack stops its instances and nginx
         log.close()
         if args.keep:
             print(f"data directory kept: {data_dir}")
